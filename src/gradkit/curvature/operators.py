@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from gradkit.core.data import Batches
 from gradkit.core.functional import FunctionalModel
 from gradkit.core.losses import output_grads, output_hessian_vp, reduction_factor, sample_output_grads
-from gradkit.core.products import HVP_MODES, _check_mode, hvp_function
+from gradkit.core.products import _check_mode, hvp_function
 from gradkit.linalg.operator import LinearOperator
 
 __all__ = ["HessianOperator", "GGNOperator", "EFOperator", "MCFisherOperator", "CurvatureOperator"]
@@ -170,15 +170,14 @@ class HessianOperator(CurvatureOperator):
     """The Hessian ``∇²_θ L`` of the loss over all data.
 
     Args:
-        mode: ``"fwd_rev"`` or ``"rev_rev"`` Hessian-vector products (see
-            :func:`gradkit.core.hvp`); ``None`` (default) picks per product what
-            ``benchmarks/hvp.py`` found fastest: reverse-over-reverse for one vector,
-            forward-over-reverse under ``vmap`` for blocks of vectors.
+        mode: ``"rev_rev"`` (default: the gradient graph of each batch is built once and every
+            column of a block reuses it) or ``"fwd_rev"`` (forward-over-reverse, blocks under
+            ``vmap``); see :func:`gradkit.core.hvp` and ``benchmarks/hvp.py``.
         **kwargs: see :class:`CurvatureOperator`.
     """
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module, data: Any, *, params: Iterable[Tensor] | None = None, mode: str | None = None, **kwargs: Any) -> None:
-        self.mode = None if mode is None else _check_mode(mode)
+        self.mode = _check_mode(mode)
         super().__init__(model, loss_fn, data, params=params, **kwargs)
 
     def _batch_product(self, index: int, inputs: Any, targets: Tensor) -> Callable:
@@ -187,13 +186,15 @@ class HessianOperator(CurvatureOperator):
         def loss(values: tuple[Tensor, ...]) -> Tensor:
             return loss_fn(fm(values, inputs), targets)
 
-        products = {m: torch.vmap(hvp_function(loss, fm.values, m)) for m in HVP_MODES}
+        hv = hvp_function(loss, fm.values, self.mode)
+        if self.mode == "fwd_rev":
+            return torch.vmap(hv)
 
-        def product(vs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-            mode = self.mode or ("rev_rev" if vs[0].shape[0] == 1 else "fwd_rev")
-            return products[mode](vs)
+        def columns(vs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            out = [hv(tuple(v[i] for v in vs)) for i in range(vs[0].shape[0])]
+            return tuple(torch.stack(pieces) for pieces in zip(*out))
 
-        return product
+        return columns
 
 
 class GGNOperator(CurvatureOperator):
