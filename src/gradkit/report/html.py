@@ -1,0 +1,96 @@
+"""Assembly of the self-contained HTML page: inline CSS, figures as base64 PNG data URIs, no
+external resource of any kind (the file can be mailed or archived on its own)."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+
+from gradkit.report.base import Plot, Section, escape
+
+__all__ = ["render_html", "plot_html"]
+
+CSS = """
+:root { --fg: #1d2330; --muted: #5b6475; --line: #d9dde5; --accent: #2457a6; --bg-soft: #f5f7fa; }
+* { box-sizing: border-box; }
+body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; color: var(--fg);
+       max-width: 980px; margin: 2rem auto; padding: 0 1.2rem; }
+h1 { font-size: 1.7rem; margin: 0 0 .3rem; }
+h2 { font-size: 1.3rem; margin: 2.2rem 0 .6rem; padding-bottom: .25rem; border-bottom: 2px solid var(--line); }
+h3 { font-size: 1.05rem; margin: 1.4rem 0 .4rem; }
+a { color: var(--accent); text-decoration: none; }
+code { font: 13px/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background: var(--bg-soft);
+       padding: 0 .25em; border-radius: 3px; }
+table { border-collapse: collapse; margin: .8rem 0; font-size: 13.5px; }
+caption { text-align: left; color: var(--muted); font-size: 13px; padding-bottom: .3rem; }
+th, td { padding: .25rem .7rem; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
+th { background: var(--bg-soft); font-weight: 600; }
+table.num td { font-variant-numeric: tabular-nums; }
+table.meta th { background: none; color: var(--muted); font-weight: 500; width: 9rem; }
+table.meta td { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12.5px;
+                word-break: break-all; }
+ul.summary { background: var(--bg-soft); border-left: 3px solid var(--accent); padding: .6rem 1rem .6rem 2rem;
+             margin: .6rem 0 1rem; font-size: 14px; }
+figure { margin: 1rem 0; }
+figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
+figcaption { color: var(--muted); font-size: 13px; margin-top: .3rem; }
+.note { background: #fff6e0; border-left: 3px solid #e0a100; padding: .5rem .9rem; margin: .6rem 0; font-size: 14px; }
+.error { background: #fdecec; border-left: 3px solid #c62828; padding: .5rem .9rem; margin: .6rem 0; }
+.ok { color: #1b7f3b; font-weight: 600; }
+.bad { color: #c62828; font-weight: 600; }
+nav ol { margin: .3rem 0; padding-left: 1.4rem; }
+details { margin: 1rem 0; font-size: 13.5px; color: var(--muted); }
+footer { margin: 3rem 0 1rem; color: var(--muted); font-size: 12.5px; border-top: 1px solid var(--line); padding-top: .6rem; }
+"""
+
+
+def plot_html(plot: Plot, dpi: int = 110) -> str:
+    """A ``<figure>`` with the plot as an embedded PNG; closes nothing (figures are plain
+    :class:`matplotlib.figure.Figure` objects, freed with the section)."""
+    from gradkit.report.plots import png_bytes
+
+    data = base64.b64encode(png_bytes(plot.figure, dpi=dpi)).decode("ascii")
+    caption = f"<figcaption>{escape(plot.caption)}</figcaption>" if plot.caption else ""
+    return (
+        f'<figure id="fig-{escape(plot.name)}"><img alt="{escape(plot.caption or plot.name)}" '
+        f'src="data:image/png;base64,{data}">{caption}</figure>'
+    )
+
+
+def _section_html(index: int, section: Section) -> str:
+    parts = [f'<section id="{escape(section.key)}"><h2>{index}. {escape(section.title)}</h2>']
+    if section.summary:
+        parts.append('<ul class="summary">' + "".join(f"<li>{escape(line)}</li>" for line in section.summary) + "</ul>")
+    for note in section.notes:
+        parts.append(f'<p class="note">{escape(note)}</p>')
+    for block in section.body:
+        parts.append(plot_html(block) if isinstance(block, Plot) else block)
+    if section.seconds:
+        parts.append(f'<p style="color:var(--muted);font-size:12.5px">section computed in {section.seconds:.1f} s</p>')
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def render_html(sections: Sequence[Section], meta: Sequence[tuple[str, str]], *, title: str = "gradkit report") -> str:
+    """The whole page: a header with ``meta`` (name, value) rows, a table of contents, the
+    sections in order."""
+    header = (
+        f"<header><h1>{escape(title)}</h1>"
+        '<table class="meta">'
+        + "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in meta)
+        + "</table></header>"
+    )
+    nav = (
+        "<nav><ol>"
+        + "".join(f'<li><a href="#{escape(s.key)}">{escape(s.title)}</a></li>' for s in sections)
+        + "</ol></nav>"
+    )
+    body = "\n".join(_section_html(i, s) for i, s in enumerate(sections, start=1))
+    version = dict(meta).get("gradkit", "")
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{escape(title)}</title><style>{CSS}</style></head>\n<body>\n{header}\n{nav}\n{body}\n"
+        f"<footer>Generated by gradkit {escape(version)}. Self-contained: figures are embedded, "
+        "nothing is loaded from elsewhere.</footer>\n</body></html>\n"
+    )

@@ -1,0 +1,198 @@
+"""Figures of the report, drawn with matplotlib's object-oriented API.
+
+Figures are :class:`matplotlib.figure.Figure` objects rendered straight to PNG by the Agg
+canvas (:func:`png_bytes`), without ``pyplot``: the report never touches the global backend or
+pyplot's figure registry of the program that calls it.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from torch import Tensor
+
+from gradkit.report.base import Plot
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gradkit.report.digits import TrainingRun
+
+__all__ = ["Plot", "new_figure", "png_bytes", "training_curves", "spectrum", "densities", "sharpness"]
+
+STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "figure.dpi": 100,
+}
+
+BLUE, ORANGE, GREEN, RED, GREY = "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#7f7f7f"
+
+
+def new_figure(width: float = 8.0, height: float = 3.2) -> Figure:
+    """A blank figure with an Agg canvas (no pyplot)."""
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
+    """Render ``fig`` to PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def _np(x: Tensor | Sequence[float] | np.ndarray) -> np.ndarray:
+    if isinstance(x, Tensor):
+        return x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=float)
+
+
+def training_curves(run: TrainingRun) -> Figure:
+    """Loss (log y) and accuracy of train and test against the step."""
+    with matplotlib.rc_context(STYLE):
+        fig = new_figure(8.0, 3.0)
+        ax_loss, ax_acc = fig.subplots(1, 2)
+        steps = np.arange(len(run.train_loss))
+        ax_loss.plot(steps, run.train_loss, color=BLUE, label="train")
+        ax_loss.plot(steps, run.test_loss, color=ORANGE, label="test")
+        ax_loss.set_yscale("log")
+        ax_loss.set_xlabel("GD step")
+        ax_loss.set_ylabel("cross-entropy")
+        ax_loss.set_title("loss")
+        ax_loss.legend()
+        ax_acc.plot(steps, 100 * np.asarray(run.train_acc), color=BLUE, label="train")
+        ax_acc.plot(steps, 100 * np.asarray(run.test_acc), color=ORANGE, label="test")
+        ax_acc.set_xlabel("GD step")
+        ax_acc.set_ylabel("accuracy (%)")
+        ax_acc.set_ylim(max(0.0, min(run.test_acc[-1], run.train_acc[-1]) * 100 - 15), 100.5)
+        ax_acc.set_title("accuracy")
+        ax_acc.legend(loc="lower right")
+    return fig
+
+
+def spectrum(
+    series: Sequence[tuple[str, Tensor, Tensor | None, str, str]],
+    *,
+    threshold: float | None = None,
+) -> Figure:
+    """Extreme eigenvalues against their rank.
+
+    ``series``: ``(label, lanczos values, dense values at the same ranks or None, colour,
+    marker)``; ranks count from the end of the spectrum the values come from.  A dashed line
+    marks ``threshold`` (``2/η``) when given.  The y axis is symmetric-log so that negative
+    eigenvalues and ``2/η`` fit with the small ones.
+    """
+    with matplotlib.rc_context(STYLE):
+        fig = new_figure(8.0, 3.8)
+        ax = fig.subplots()
+        dense_labelled = False
+        values_all = [np.zeros(1)]
+        for label, values, dense, colour, marker in series:
+            v = _np(values)
+            if v.size == 0:
+                continue
+            values_all.append(v)
+            ranks = np.arange(1, v.size + 1)
+            hollow = "GGN" in label
+            ax.plot(ranks, v, marker=marker, linestyle="-", linewidth=0.8, color=colour,
+                    markersize=9 if hollow else 6, markerfacecolor="none" if hollow else colour,
+                    label=f"{label} (Lanczos)")
+            if dense is not None:
+                d = _np(dense)
+                ax.plot(ranks[: d.size], d, marker="x", linestyle="none", color="black", markersize=5,
+                        label=None if dense_labelled else "dense matrix (eigvalsh)")
+                dense_labelled = True
+        if threshold is not None:
+            ax.axhline(threshold, color=RED, linestyle="--", linewidth=1.0, label="2/η (GD stability limit)")
+            values_all.append(np.array([threshold * 1.6]))
+        ax.axhline(0.0, color=GREY, linewidth=0.6)
+        allv = np.concatenate(values_all)
+        small = np.abs(allv[allv != 0])
+        smallest = float(small.min()) if small.size else 1e-3
+        linthresh = max(10.0 ** np.floor(np.log10(smallest)), 1e-8)  # a decade boundary below all |λ|
+        ax.set_yscale("symlog", linthresh=linthresh)
+        top = float(allv.max())
+        if top > 0:
+            ax.set_ylim(top=top * 1.6)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("rank i (1 = most extreme)")
+        ax.set_ylabel("eigenvalue (symlog)")
+        ax.set_title("extreme eigenvalues")
+        fig.legend(loc="outside lower center", ncol=3)
+    return fig
+
+
+def densities(
+    rows: Sequence[tuple[str, Tensor, Tensor, Tensor | None]],
+) -> Figure:
+    """Spectral densities, one row per operator, linear and log y.
+
+    ``rows``: ``(label, grid, density, reference or None)``; the reference, when known, is the
+    exact eigenvalues smoothed with the same kernel on the same grid, drawn dashed.
+    """
+    with matplotlib.rc_context(STYLE):
+        fig = new_figure(8.0, 2.8 * len(rows))
+        axes = fig.subplots(len(rows), 2, squeeze=False)
+        for (label, grid, density, reference), (ax_lin, ax_log) in zip(rows, axes):
+            g, d = _np(grid), _np(density)
+            colour = BLUE if "Hessian" in label else GREEN
+            peak = float(d.max()) if d.size else 1.0
+            floor = max(peak * 1e-8, 1e-300)
+            for ax, log in ((ax_lin, False), (ax_log, True)):
+                ax.plot(g, np.clip(d, floor, None) if log else d, color=colour, linewidth=1.2, label="SLQ")
+                if reference is not None:
+                    r = _np(reference)
+                    ax.plot(g, np.clip(r, floor, None) if log else r, color="black", linestyle="--",
+                            linewidth=0.9, label="exact, same kernel")
+                ax.axvline(0.0, color=GREY, linewidth=0.6)
+                ax.set_xlabel("eigenvalue λ")
+                ax.set_ylabel("density")
+                if log:
+                    ax.set_yscale("log")
+                    ax.set_ylim(bottom=floor)
+                    ax.set_title(f"{label}: density (log y)")
+                else:
+                    ax.set_title(f"{label}: density")
+            ax_lin.legend()
+    return fig
+
+
+def sharpness(steps: Sequence[int], values: Sequence[float], *, threshold: float, loss: Sequence[float] | None = None) -> Figure:
+    """``λ_max`` at training checkpoints against ``2/η``, with the training loss on a twin axis."""
+    with matplotlib.rc_context(STYLE):
+        fig = new_figure(8.0, 3.0)
+        ax = fig.subplots()
+        ax.plot(steps, values, marker="o", color=BLUE, label="λ_max of the Hessian")
+        ax.axhline(threshold, color=RED, linestyle="--", linewidth=1.0, label="2/η")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("GD step")
+        ax.set_ylabel("λ_max (log)")
+        ax.set_title("sharpness along training")
+        lines, labels = ax.get_legend_handles_labels()
+        if loss is not None:
+            twin = ax.twinx()
+            twin.plot(np.arange(len(loss)), loss, color=GREY, linewidth=0.8, label="train loss")
+            twin.set_yscale("log")
+            twin.set_ylabel("train loss (log)")
+            twin.grid(False)
+            l2, lab2 = twin.get_legend_handles_labels()
+            lines, labels = lines + l2, labels + lab2
+        ax.legend(lines, labels, loc="center right")
+    return fig

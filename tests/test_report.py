@@ -1,0 +1,319 @@
+"""Tests of ``gradkit.report``: the page is self-contained and complete, and its numbers agree
+with dense float64 computations made here without gradkit."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import gradkit
+from gradkit.report import ReportConfig, ReportContext, Section, run_report, training_section
+from gradkit.report.geometry import geometry_section
+
+
+# ------------------------------------------------------------------ one quick run for the module
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "sub" / "report.html"  # "sub" does not exist yet
+    return run_report(out=out, quick=True, seed=0, progress=False, strict=True, threads=1)
+
+
+def _flat_params(model: nn.Module) -> tuple[torch.Tensor, list[str], list[torch.Size]]:
+    named = list(model.named_parameters())
+    flat = torch.cat([p.detach().reshape(-1) for _, p in named])
+    return flat, [n for n, _ in named], [p.shape for _, p in named]
+
+
+def _unflatten(v: torch.Tensor, names: list[str], shapes: list[torch.Size]) -> dict[str, torch.Tensor]:
+    out, offset = {}, 0
+    for name, shape in zip(names, shapes):
+        out[name] = v[offset : offset + shape.numel()].view(shape)
+        offset += shape.numel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def dense(quick):
+    """Independent dense float64 Hessian and GGN of the analysed model's loss."""
+    ctx = quick.context
+    model, (x, y) = ctx.analysis_model, ctx.analysis_data
+    flat, names, shapes = _flat_params(model)
+
+    def logits(v: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, _unflatten(v, names, shapes), (x,))
+
+    def loss(v: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits(v), y)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the report itself in the tests: robust on shared cores
+    try:
+        H = torch.autograd.functional.hessian(loss, flat, vectorize=True)
+        J = torch.autograd.functional.jacobian(logits, flat, vectorize=True)  # (N, C, n)
+        p = torch.softmax(logits(flat), dim=1).detach()
+        hess_out = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # ∇²_f CE per example
+        G = torch.einsum("nci,ncd,ndj->ij", J, hess_out, J) / x.shape[0]
+        grad = torch.autograd.grad(loss(flat.requires_grad_()), flat)[0]
+        return {"H": H, "G": G, "H_eig": torch.linalg.eigh(H), "G_eig": torch.linalg.eigvalsh(G), "grad": grad}
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------ page
+def test_html_is_self_contained_and_complete(quick):
+    assert quick.path.exists() and quick.path.name == "report.html"
+    page = quick.path.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    assert "data:image/png;base64," in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page), "external resource in the page"
+    assert "<script" not in page and "<link" not in page
+    for section in quick.sections:
+        assert f'<section id="{section.key}">' in page
+        assert section.title in page
+    assert [s.key for s in quick.sections] == ["training", "geometry"]
+    # header: version, seed, torch version, command
+    assert gradkit.__version__ in page and torch.__version__ in page
+    assert "run_report(" in page
+    # every figure made it into the page, as a PNG
+    n_plots = sum(len(s.plots) for s in quick.sections)
+    assert n_plots >= 4
+    assert page.count("data:image/png;base64,") == n_plots
+    for match in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]{8})", page):
+        assert match.startswith("iVBORw0K")  # PNG signature
+
+
+def test_sections_have_summaries_and_nothing_missing(quick):
+    assert quick.failed == []
+    for section in quick.sections:
+        assert section.summary, section.key
+        assert section.results is not None
+    geometry = quick["geometry"]
+    assert geometry.missing == {}, geometry.missing
+    summary = "\n".join(quick.summary)
+    for needle in ("λ_max", "tr(Hessian)", "tr(GGN)", "2/η", "accuracy"):
+        assert needle in summary
+
+
+# ------------------------------------------------------------------ training
+def test_training_numbers(quick):
+    ctx, t = quick.context, quick["training"]
+    cfg = ctx.config
+    assert cfg == ReportConfig.quick()
+    assert t.steps == cfg.steps and t.lr == cfg.lr
+    assert t.num_params == sum(p.numel() for p in ctx.model.parameters()) == 64 * 32 + 32 + 32 * 10 + 10
+    assert len(ctx.training.train_loss) == cfg.steps + 1
+    # the recorded final numbers are those of the returned model
+    with torch.no_grad():
+        logits = ctx.model(ctx.data.x_test)
+        test_loss = float(nn.functional.cross_entropy(logits, ctx.data.y_test))
+        test_acc = float((logits.argmax(1) == ctx.data.y_test).float().mean())
+    assert test_loss == pytest.approx(t.test_loss, rel=1e-5)
+    assert test_acc == pytest.approx(t.test_acc)
+    assert t.test_acc > 0.9 and t.train_loss < ctx.training.train_loss[0] / 10
+    # standardised with training statistics
+    assert torch.allclose(ctx.data.x_train.mean(0), torch.zeros(64), atol=1e-5)
+
+
+def test_analysis_model_is_double_copy_of_trained(quick):
+    ctx = quick.context
+    for p32, p64 in zip(ctx.model.parameters(), ctx.analysis_model.parameters()):
+        assert p64.dtype == torch.float64
+        assert torch.equal(p64, p32.detach().double())
+    x, y = ctx.analysis_data
+    assert x.dtype == torch.float64 and x.shape == (ctx.config.analysis_examples, 64)
+    assert torch.equal(x, ctx.data.x_train[: x.shape[0]].double())
+
+
+# ------------------------------------------------------------------ geometry vs dense float64
+def test_top_hessian_eigenvalues_match_dense(quick, dense):
+    g = quick["geometry"]
+    evals = dense["H_eig"].eigenvalues  # ascending
+    lam_max = float(evals[-1])
+    k = g.top_k
+    assert float(g.hessian_top[0]) == pytest.approx(lam_max, rel=1e-6)
+    assert torch.allclose(g.hessian_top, evals.flip(0)[:k], rtol=0, atol=1e-6 * lam_max)
+    assert torch.allclose(g.hessian_bottom, evals[:k], rtol=0, atol=1e-6 * lam_max)
+    assert float(g.hessian_bottom[0]) < 0  # a tanh network's Hessian is indefinite here
+    # the report's own dense check agrees with ours
+    assert torch.allclose(g.hessian_eigvals_exact, evals, rtol=0, atol=1e-10 * lam_max)
+
+
+def test_top_ggn_eigenvalues_match_dense(quick, dense):
+    g = quick["geometry"]
+    evals = dense["G_eig"]
+    assert float(evals[0]) > -1e-10 * float(evals[-1])  # PSD
+    assert torch.allclose(g.ggn_top, evals.flip(0)[: g.top_k], rtol=0, atol=1e-6 * float(evals[-1]))
+    assert torch.allclose(g.ggn_eigvals_exact, evals, rtol=0, atol=1e-10 * float(evals[-1]))
+
+
+def test_traces_match_dense_within_stated_error(quick, dense):
+    g = quick["geometry"]
+    for trace, M in ((g.hessian_trace, dense["H"]), (g.ggn_trace, dense["G"])):
+        exact = float(M.diagonal().sum())
+        assert trace.exact == pytest.approx(exact, rel=1e-10)
+        assert trace.pm == pytest.approx(2 * trace.hutchinson_se)
+        assert abs(trace.hutchpp - exact) <= trace.pm
+        assert abs(trace.hutchinson - exact) <= 3 * trace.hutchinson_se
+        assert trace.num_matvecs == quick.context.config.trace_matvecs
+
+
+def test_stability_verdict_consistent(quick, dense):
+    g = quick["geometry"]
+    s = g.stability
+    lr = quick.context.config.lr
+    assert s.lr == lr and s.threshold == pytest.approx(2.0 / lr)
+    assert s.lambda_max == pytest.approx(float(dense["H_eig"].eigenvalues[-1]), rel=1e-6)
+    assert s.stable == (s.lambda_max < 2.0 / lr)
+    assert s.ratio == pytest.approx(lr * s.lambda_max / 2)
+    verdict = [line for line in quick.section("geometry").summary if line.startswith("GD stability")][0]
+    assert ("→ stable" in verdict) == s.stable
+
+
+def test_stability_verdict_flips_beyond_edge_of_stability(quick):
+    """Same analysed point, a learning rate above 2/λ_max: the verdict must say unstable."""
+    ctx = quick.context
+    lam = quick["geometry"].stability.lambda_max
+    run = dataclasses.replace(ctx.training, lr=2.5 / lam, checkpoints=[])
+    tiny = dataclasses.replace(ctx.config, top_k=2, trace_matvecs=6, slq_probes=1, slq_steps=5, dense_max_params=0)
+    ctx2 = dataclasses.replace(ctx, training=run, config=tiny, results={})
+    section = geometry_section(ctx2)
+    s = section.results.stability
+    assert s.lambda_max == pytest.approx(lam, rel=1e-6)
+    assert s.stable is False and s.ratio == pytest.approx(1.25, rel=1e-6)
+    assert any("NOT stable" in line for line in section.summary)
+
+
+def test_gradient_fraction_matches_dense(quick, dense):
+    g = quick["geometry"]
+    grad = dense["grad"]
+    V = dense["H_eig"].eigenvectors[:, -g.top_k :]
+    expected = float((V.T @ grad).square().sum() / grad.square().sum())
+    assert g.gradient_fraction == pytest.approx(expected, rel=1e-4, abs=1e-10)
+    assert g.grad_norm == pytest.approx(float(grad.norm()), rel=1e-8)
+
+
+def test_sharpness_along_training_ends_at_lambda_max(quick):
+    g = quick["geometry"]
+    assert g.sharpness_steps[0] == 0 and g.sharpness_steps[-1] == quick.context.config.steps
+    assert len(g.sharpness) == len(g.sharpness_steps) == quick.context.config.sharpness_checkpoints
+    assert g.sharpness[-1] == pytest.approx(g.stability.lambda_max, rel=1e-5)
+
+
+def test_spectral_density_consistent_with_trace(quick):
+    """The SLQ density's mean is an estimate of tr/n: loosely consistent with the exact trace."""
+    g = quick["geometry"]
+    for density, trace in ((g.hessian_density, g.hessian_trace), (g.ggn_density, g.ggn_trace)):
+        w, nodes = density.weights, density.nodes.nan_to_num(0.0)
+        mean = float((w * nodes).sum(1).mean())
+        assert mean == pytest.approx(trace.exact / g.num_params, rel=0.5)
+
+
+# ------------------------------------------------------------------ structure, extension, failure
+TINY = ReportConfig(
+    hidden=6, steps=20, analysis_examples=48, top_k=2, trace_matvecs=9, slq_probes=1, slq_steps=8,
+    dense_max_params=0, sharpness_checkpoints=2,
+)
+
+
+def test_custom_section_sees_context_and_failures_are_isolated(tmp_path):
+    seen = {}
+
+    def custom_section(ctx: ReportContext) -> Section:
+        seen["training"] = ctx.results["training"]
+        seen["seed"] = ctx.seed_for("custom")
+        return Section(key="custom", title="My custom section", summary=["custom: 42"], body=["<p>hello &amp; bye</p>"], results=42)
+
+    def broken_section(ctx: ReportContext) -> Section:
+        raise RuntimeError("boom")
+
+    result = run_report(
+        out=tmp_path / "r.html", seed=3, config=TINY, sections=[training_section, custom_section, broken_section], threads=1
+    )
+    assert [s.key for s in result.sections] == ["training", "custom", "broken"]
+    assert result.failed == ["broken"]
+    assert result["custom"] == 42 and seen["training"] is result["training"]
+    page = result.path.read_text(encoding="utf-8")
+    assert "My custom section" in page and "<p>hello &amp; bye</p>" in page
+    assert "this section failed: RuntimeError: boom" in page
+    assert "  custom: 42" in result.summary
+    with pytest.raises(RuntimeError, match="boom"):
+        run_report(out=tmp_path / "s.html", config=TINY, sections=[broken_section], strict=True)
+
+
+def test_missing_method_degrades_with_a_note(tmp_path, monkeypatch):
+    import gradkit.linalg
+
+    def not_written(*args, **kwargs):
+        raise NotImplementedError("spectral_density: not written yet")
+
+    monkeypatch.setattr(gradkit.linalg, "spectral_density", not_written)
+    result = run_report(out=tmp_path / "r.html", config=TINY, strict=True, threads=1)
+    g = result["geometry"]
+    assert set(g.missing) == {"Hessian spectral density", "GGN spectral density"}
+    assert g.hessian_density is None and g.stability is not None and g.hessian_trace.hutchpp is not None
+    page = result.path.read_text(encoding="utf-8")
+    assert "spectral_density: not written yet" in page
+
+
+def test_deterministic_for_a_seed_and_seed_matters(tmp_path):
+    a = run_report(out=tmp_path / "a.html", seed=5, config=TINY, threads=1)
+    b = run_report(out=tmp_path / "b.html", seed=5, config=TINY, threads=1)
+    c = run_report(out=tmp_path / "c.html", seed=6, config=TINY, threads=1)
+    assert a.context.training.train_loss == b.context.training.train_loss
+    assert a["geometry"].hessian_trace.hutchpp == b["geometry"].hessian_trace.hutchpp
+    assert a["geometry"].stability.lambda_max == b["geometry"].stability.lambda_max
+    assert a.context.training.train_loss != c.context.training.train_loss
+    # the global RNG is not consumed by the report
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    run_report(out=tmp_path / "d.html", seed=1, config=TINY, threads=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_out_directory_gets_report_html_and_threads_are_restored(tmp_path):
+    before = torch.get_num_threads()
+    result = run_report(out=tmp_path, config=TINY, threads=1)
+    assert result.path == tmp_path / "report.html" and result.path.exists()
+    assert torch.get_num_threads() == before
+    assert "cpu (1 thread)" in result.path.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"seed": -1}, ValueError, "seed"),
+        ({"seed": 1.5}, TypeError, "seed"),
+        ({"quick": "yes"}, TypeError, "quick"),
+        ({"config": {"steps": 3}}, TypeError, "config"),
+        ({"config": dataclasses.replace(TINY, steps=0)}, ValueError, "steps"),
+        ({"config": dataclasses.replace(TINY, lr=-1.0)}, ValueError, "lr"),
+        ({"sections": [42]}, TypeError, "sections"),
+        ({"out": 3}, TypeError, "out"),
+        ({"threads": 0}, ValueError, "threads"),
+    ],
+)
+def test_bad_arguments_fail_early(tmp_path, kwargs, error, match):
+    kwargs.setdefault("out", tmp_path / "r.html")
+    with pytest.raises(error, match=match):
+        run_report(**kwargs)
+
+
+def test_out_under_a_file_is_refused(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        run_report(out=blocker / "report.html", config=TINY)
+
+
+def test_quick_preset_is_smaller_than_default():
+    q, d = ReportConfig.quick(), ReportConfig.default()
+    assert q.steps < d.steps and q.analysis_examples is not None and d.analysis_examples is None
+    assert q.trace_matvecs < d.trace_matvecs and q.slq_probes * q.slq_steps < d.slq_probes * d.slq_steps
+    assert math.isclose(q.lr, d.lr)
