@@ -117,7 +117,7 @@ def lanczos(
             ``ceil(k/2)`` largest and the ``floor(k/2)`` smallest.
         tol: relative residual tolerance (above).
         maxiter: largest Krylov dimension, i.e. most operator products (one per step, plus
-            none for the check); default ``min(n, max(100, 20 k))``.  The basis is kept in memory
+            none for the check); default ``min(n, max(200, 30 k))``.  The basis is kept in memory
             and grows with the steps taken, up to ``n x maxiter`` (no restarts); the check
             usually stops the run long before.  Must be ``>= k``.
         seed: seed of the :class:`torch.Generator` (on ``A.device``) drawing the start vector
@@ -144,7 +144,7 @@ def lanczos(
     tol = check_positive_float(tol, "tol")
     seed = check_seed(seed)
     if maxiter is None:
-        m_max = min(n, max(100, 20 * k))
+        m_max = min(n, max(200, 30 * k))
     else:
         m_max = min(n, check_int(maxiter, "maxiter", low=k))
     q0 = _check_v0(v0, op) if v0 is not None else None
