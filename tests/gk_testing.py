@@ -118,3 +118,12 @@ def dense_ef(model, loss_fn, X, y, params=None) -> torch.Tensor:
         g = torch.autograd.functional.jacobian(lambda t: summed(call(t, X[n : n + 1]), y[n : n + 1]), flat)
         G += torch.outer(g, g)
     return c * G
+
+
+def with_spectrum(evals: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A symmetric float64 matrix with the given eigenvalues and random (seeded) eigenvectors."""
+    g = torch.Generator().manual_seed(seed)
+    n = evals.numel()
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DTYPE))
+    A = U @ torch.diag(evals.to(DTYPE)) @ U.T
+    return (A + A.T) / 2

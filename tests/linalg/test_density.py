@@ -8,19 +8,12 @@ import matplotlib
 import pytest
 import torch
 
+from gk_testing import with_spectrum
 from gradkit.linalg import LinearOperator, SpectralDensity, spectral_density
 
 matplotlib.use("Agg")
 
 DT = torch.float64
-
-
-def _with_spectrum(evals: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    n = evals.numel()
-    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
-    A = U @ torch.diag(evals.to(DT)) @ U.T
-    return (A + A.T) / 2
 
 
 def _planted(n: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,7 +23,7 @@ def _planted(n: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
     out10 = 10 + 0.1 * torch.rand(12, generator=g, dtype=DT)
     out20 = 20 + 0.1 * torch.rand(8, generator=g, dtype=DT)
     evals = torch.cat([bulk, out10, out20])
-    return _with_spectrum(evals), evals
+    return with_spectrum(evals), evals
 
 
 def _sphere_sd(values: torch.Tensor, num_probes: int) -> float:
@@ -98,7 +91,7 @@ def test_log_scale_integrates_to_one_on_its_axis(planted):
 def test_exact_when_lanczos_spans_the_space():
     # Few distinct eigenvalues: the quadrature is exact, each probe sees a measure on them.
     evals = torch.tensor([1.0] * 30 + [4.0] * 10, dtype=DT)
-    sd = spectral_density(_with_spectrum(evals), num_probes=200, lanczos_steps=10, sigma=0.05)
+    sd = spectral_density(with_spectrum(evals), num_probes=200, lanczos_steps=10, sigma=0.05)
     assert torch.isnan(sd.nodes[:, 2:]).all() and (sd.weights[:, 2:] == 0).all()  # invariant after 2 steps
     assert abs(float(sd.mass(3.5, 4.5)) - 0.25) <= 4 * _sphere_sd((evals == 4).to(DT), 200)
     assert abs(float(torch.trapezoid(sd.density, sd.grid)) - 1) < 1e-3

@@ -9,27 +9,20 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp
 
+from gk_testing import with_spectrum
 from gradkit.linalg import LinearOperator, lanczos, lanczos_tridiagonal
 
 DT = torch.float64
 
 
-def _with_spectrum(evals: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    n = evals.numel()
-    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
-    A = U @ torch.diag(evals.to(DT)) @ U.T
-    return (A + A.T) / 2
-
-
 def _spd(n: int = 300) -> torch.Tensor:
     # Geometric decay from 100 to 1e-3, as in curvature spectra.
-    return _with_spectrum(100.0 * 0.95 ** torch.arange(n, dtype=DT) + 1e-3)
+    return with_spectrum(100.0 * 0.95 ** torch.arange(n, dtype=DT) + 1e-3)
 
 
 def _indefinite(n: int = 300) -> torch.Tensor:
     i = torch.arange(n // 2, dtype=DT)
-    return _with_spectrum(torch.cat([50.0 * 0.93**i, -30.0 * 0.91**i]), seed=1)
+    return with_spectrum(torch.cat([50.0 * 0.93**i, -30.0 * 0.91**i]), seed=1)
 
 
 def _counting(A: torch.Tensor) -> tuple[LinearOperator, list[int]]:
@@ -80,7 +73,7 @@ def test_function_operator_counts_products_and_stops_early():
 def test_clustered_eigenvalues_are_resolved():
     n = 300
     rest = 5.0 * 0.97 ** torch.arange(n - 3, dtype=DT)
-    A = _with_spectrum(torch.cat([torch.tensor([10.0, 9.999, 9.998], dtype=DT), rest]), seed=3)
+    A = with_spectrum(torch.cat([torch.tensor([10.0, 9.999, 9.998], dtype=DT), rest]), seed=3)
     exact = torch.linalg.eigvalsh(A)
     evals, V = lanczos(A, k=4, tol=1e-10, maxiter=200)
     _check_pairs(A, evals, V, exact[-4:].flip(0))
@@ -89,7 +82,7 @@ def test_clustered_eigenvalues_are_resolved():
 def test_repeated_eigenvalues_of_a_low_rank_operator():
     # rank 5 with eigenvalues 5, 5, 5, 1, 1: the Krylov space of one vector is invariant after
     # 3 steps; the restarts orthogonal to the basis must find every copy (and the zeros).
-    A = _with_spectrum(torch.cat([torch.tensor([5.0, 5, 5, 1, 1], dtype=DT), torch.zeros(95, dtype=DT)]))
+    A = with_spectrum(torch.cat([torch.tensor([5.0, 5, 5, 1, 1], dtype=DT), torch.zeros(95, dtype=DT)]))
     evals, V = lanczos(A, k=7)
     expected = torch.tensor([5.0, 5, 5, 1, 1, 0, 0], dtype=DT)
     torch.testing.assert_close(evals, expected, rtol=0, atol=1e-10)
@@ -109,7 +102,7 @@ def test_identity_invariant_subspace_each_step():
 def test_k_close_to_n(k):
     # k=19 runs Lanczos (2k < n), k=30 and k=n take the dense path.
     n = 40
-    A = _with_spectrum(torch.linspace(-3, 7, n, dtype=DT) ** 3, seed=4)
+    A = with_spectrum(torch.linspace(-3, 7, n, dtype=DT) ** 3, seed=4)
     exact = torch.linalg.eigvalsh(A)
     evals, V = lanczos(A, k=k, tol=1e-10)
     _check_pairs(A, evals, V, exact[-k:].flip(0))
@@ -180,14 +173,14 @@ def test_tridiagonal_gauss_quadrature_moments():
 
 
 def test_tridiagonal_full_length_and_breakdown():
-    A = _with_spectrum(torch.arange(1.0, 31.0, dtype=DT))
+    A = with_spectrum(torch.arange(1.0, 31.0, dtype=DT))
     v0 = torch.randn(30, generator=torch.Generator().manual_seed(1), dtype=DT)
     alpha, beta = lanczos_tridiagonal(A, 50, v0=v0)  # m > n is reduced to n
     assert alpha.shape == (30,)
     T = torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)
     torch.testing.assert_close(torch.linalg.eigvalsh(T), torch.arange(1.0, 31.0, dtype=DT), rtol=1e-10, atol=0)
     # Three distinct eigenvalues: invariant after three steps.
-    B = _with_spectrum(torch.tensor([2.0] * 10 + [-1.0] * 10 + [0.5] * 10, dtype=DT))
+    B = with_spectrum(torch.tensor([2.0] * 10 + [-1.0] * 10 + [0.5] * 10, dtype=DT))
     alpha, beta = lanczos_tridiagonal(B, 10, v0=v0)
     assert alpha.shape == (3,) and beta.shape == (2,)
 

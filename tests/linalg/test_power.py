@@ -5,23 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gk_testing import with_spectrum
 from gradkit.linalg import LinearOperator, power_iteration
 
 DT = torch.float64
 
 
-def _with_spectrum(evals: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    n = evals.numel()
-    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
-    A = U @ torch.diag(evals.to(DT)) @ U.T
-    return (A + A.T) / 2
-
-
 def _gapped(n: int = 100) -> torch.Tensor:
     # 10, 7, 5 well separated from a bulk in [-1, 1].
     bulk = torch.linspace(-1, 1, n - 3, dtype=DT)
-    return _with_spectrum(torch.cat([torch.tensor([10.0, 7.0, 5.0], dtype=DT), bulk]))
+    return with_spectrum(torch.cat([torch.tensor([10.0, 7.0, 5.0], dtype=DT), bulk]))
 
 
 def test_top_eigenvalue_with_a_gap():
@@ -46,7 +39,7 @@ def test_pyhessian_defaults_are_close_but_not_tight():
 
 
 def test_largest_magnitude_sorted_by_value():
-    A = _with_spectrum(torch.cat([torch.tensor([-12.0, 8.0], dtype=DT), torch.linspace(-1, 1, 48, dtype=DT)]))
+    A = with_spectrum(torch.cat([torch.tensor([-12.0, 8.0], dtype=DT), torch.linspace(-1, 1, 48, dtype=DT)]))
     evals, V = power_iteration(A, k=2, tol=1e-12, maxiter=500)
     torch.testing.assert_close(evals, torch.tensor([8.0, -12.0], dtype=DT), rtol=1e-9, atol=0)
     assert float((A @ V - V * evals).norm(dim=0).max()) < 1e-4
@@ -69,7 +62,7 @@ def test_zero_operator_and_maxiter_warning():
     evals, V = power_iteration(torch.zeros(10, 10, dtype=DT), k=2)
     assert torch.equal(evals, torch.zeros(2, dtype=DT)) and torch.isfinite(V).all()
     # tol=1e-14 cannot be met in 3 iterations.
-    A = _with_spectrum(torch.tensor([3.0, -3.0, 1.0, 0.5], dtype=DT))
+    A = with_spectrum(torch.tensor([3.0, -3.0, 1.0, 0.5], dtype=DT))
     with pytest.warns(RuntimeWarning, match="eigenpair 1 of 1 did not converge in maxiter=3"):
         power_iteration(A, k=1, tol=1e-14, maxiter=3)
 
