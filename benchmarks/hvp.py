@@ -1,6 +1,6 @@
 """Hessian-vector product cost relative to a gradient, gradkit vs curvlinops vs PyHessian-style.
 
-Run:  python benchmarks/hvp.py [--repeats 20] [--columns 16]
+Run:  python benchmarks/hvp.py [--repeats 20] [--columns 16] [--threads 1]
 
 For an MLP and a CNN (CPU, float32, one batch of generated data) it times
 
@@ -49,8 +49,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--columns", type=int, default=16, help="block size for the op @ V rows")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps ratios stable on a shared machine)")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     try:
         from curvlinops import HessianLinearOperator
     except ImportError:  # pragma: no cover - benchmark-only dependency

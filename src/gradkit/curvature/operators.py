@@ -186,13 +186,29 @@ class HessianOperator(CurvatureOperator):
         def loss(values: tuple[Tensor, ...]) -> Tensor:
             return loss_fn(fm(values, inputs), targets)
 
-        hv = hvp_function(loss, fm.values, self.mode)
         if self.mode == "fwd_rev":
-            return torch.vmap(hv)
+            return torch.vmap(hvp_function(loss, fm.values, "fwd_rev"))
+        # Reverse-over-reverse with plain autograd (a fast path of gradkit.core.hvp's rev_rev, held
+        # equal to it by the tests): the gradient graph of the batch is built once, and each column
+        # is one double backward through it (no torch.func wrapping on this hot path).
+        values = tuple(v.detach().requires_grad_(True) for v in fm.values)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(loss(values), values, create_graph=True)
+        live = [i for i, g in enumerate(grads) if g.requires_grad]  # others: zero Hessian rows
 
         def columns(vs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-            out = [hv(tuple(v[i] for v in vs)) for i in range(vs[0].shape[0])]
-            return tuple(torch.stack(pieces) for pieces in zip(*out))
+            out = [torch.zeros_like(v) for v in vs]
+            for j in range(vs[0].shape[0]):
+                if not live:
+                    break
+                hv = torch.autograd.grad(
+                    [grads[i] for i in live], values, grad_outputs=[vs[i][j] for i in live],
+                    retain_graph=True, allow_unused=True,
+                )
+                for i, h in enumerate(hv):
+                    if h is not None:
+                        out[i][j] = h
+            return tuple(out)
 
         return columns
 
