@@ -199,3 +199,16 @@ def test_bad_arguments_are_named():
         op @ ([torch.zeros(5, 6, dtype=DTYPE), torch.zeros(3, dtype=DTYPE)] + [torch.zeros(1)] * 4)
     with pytest.raises(ValueError, match="expected 6 parameter-shaped tensors, got 2"):
         op @ [torch.zeros(5, 6, dtype=DTYPE), torch.zeros(5, dtype=DTYPE)]
+
+
+@pytest.mark.parametrize("which", ["largest", "both"])
+def test_lanczos_on_model_hessian_matches_eigvalsh(which):
+    from gradkit.linalg import lanczos
+
+    model, X, y = _problem("cnn_bn", nn.CrossEntropyLoss(), n=16)
+    op = HessianOperator(model, nn.CrossEntropyLoss(), _split(X, y, (8, 8)))
+    dense = torch.linalg.eigvalsh(dense_hessian(model, nn.CrossEntropyLoss(), X, y))
+    values, vectors = lanczos(op, k=4 if which == "both" else 5, which=which, tol=1e-10)
+    expected = dense.flip(0)[:5] if which == "largest" else torch.cat([dense.flip(0)[:2], dense[:2].flip(0)])
+    torch.testing.assert_close(values, expected, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(op @ vectors, vectors * values, rtol=1e-6, atol=1e-8)
