@@ -7,8 +7,8 @@
 #
 # torch: an existing installation is kept; without one, the CPU build torch==2.13.0 is installed
 # (an unpinned torch would pull a multi-GB CUDA build).  Peer libraries that declare torchvision
-# (curvlinops, BackPACK) are installed with --no-deps, their pure-Python dependencies come from
-# the [test] extra.
+# (curvlinops, BackPACK) and the optimizer peers are installed with --no-deps (they would
+# otherwise be free to change torch); their pure-Python dependencies come from the [test] extra.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -25,7 +25,10 @@ if [ "${1:-}" = "--test" ]; then
   pip_install -e ".[test]"
   pip_install --no-deps \
     "curvlinops-for-pytorch==3.0.1" \
-    "backpack-for-pytorch==1.7.1"
+    "backpack-for-pytorch==1.7.1" \
+    "pytorch_optimizer==4.1.0" \
+    "lion-pytorch==0.2.5" \
+    "adamp==0.3.0"
 else
   pip_install -e .
 fi
