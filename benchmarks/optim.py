@@ -3,7 +3,8 @@
     python benchmarks/optim.py [--sets small,medium,large] [--optimizers Lion,Grams] [--repeats 5]
 
 Parameter sets (CPU, float32, every parameter has a gradient):
-  small  = 1000 tensors x 64 elements, medium = 100 x 262144, large = 10 x 4194304.
+  small  = 1000 tensors x 64 elements (8 x 8), medium = 100 x 262144 (512 x 512),
+  large = 10 x 4194304 (2048 x 2048).
 For each optimizer: ours with ``fused=True`` (torch.compile; compiled once, before timing) and with the
 default ``foreach`` path, the same optimizer from pytorch-optimizer (``foreach=True`` where it has
 one), and torch.optim.AdamW (foreach and fused).  Times are medians over ``--repeats`` steps taken
@@ -25,7 +26,8 @@ import torch
 
 import gradkit.optim as go
 
-SETS = {"small": (1000, 64), "medium": (100, 262_144), "large": (10, 4_194_304)}
+# 2-D tensors (weights), so that AdamP/SGDP's projection is exercised: 64, 262144 and 4194304 elements
+SETS = {"small": (1000, (8, 8)), "medium": (100, (512, 512)), "large": (10, (2048, 2048))}
 
 
 def _po():
@@ -125,7 +127,7 @@ def main(argv=None):
         n, size = SETS[set_name]
         repeats = args.repeats or {"small": 21, "medium": 5, "large": 3}[set_name]
         params = make_params(n, size)
-        numel = n * size
+        numel = n * params[0].numel()
         adamw_fe = torch.optim.AdamW(params, foreach=True)
         adamw_fu = torch.optim.AdamW(params, fused=True)
         for name in names:

@@ -1,0 +1,466 @@
+"""Shared machinery of the gradkit optimizers.
+
+Every optimizer in :mod:`gradkit.optim` is written as one **kernel**: a function that updates a
+parameter tensor and its state tensors in place from a gradient and a small vector ``h`` of
+per-step scalars (learning rate, betas, bias corrections, ...).  The kernel is the readable
+reference implementation of the paper's update.  Elementwise kernels accept any shape;
+kernels that reduce over a tensor (norms, projections) take a batch ``(B, *S)`` of tensors of one
+shape and reduce per leading index.  :class:`Optimizer` (a :class:`torch.optim.Optimizer`)
+does everything the optimizers would otherwise repeat:
+
+* hyperparameter validation with uniform messages (:func:`check_range`, :func:`check_betas`),
+  applied to every parameter group, including groups added later;
+* collecting the parameters that have a gradient, refusing sparse gradients, creating state lazily
+  (parameters without a gradient never get state), counting steps per parameter;
+* complex parameters (kernels see ``torch.view_as_real`` views), ``maximize``, tensor learning
+  rates, closures;
+* the choice of execution path, per group:
+
+  ``foreach=False``  the reference: the kernel is called once per parameter tensor, eagerly;
+  ``foreach=True``   (default) elementwise kernels are called once on *packed* copies of all small
+                     tensors of a group (numel <= ``PACK_NUMEL``), large tensors one by one in
+                     chunks of ``CHUNK_NUMEL`` elements;
+                     batched kernels once per shape; state tensors of packed parameters are views
+                     into one buffer per state (so packing copies only parameters and gradients);
+  ``fused=True``     the same schedule, but the kernel is ``torch.compile``-d into one fused loop
+                     (compiled once per kernel, dtype and static option; shapes are dynamic).
+
+All three paths run the same kernel, so they compute the same numbers (tests hold them equal in
+float64).  Optimizer state has the parameter's dtype (as in ``torch.optim``); for bfloat16/float16
+parameters the kernels do their arithmetic in float32 and round on store.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("gradkit")
+
+__all__ = ["Optimizer", "SparseGradientError", "check_range", "check_betas", "check_lr", "PACK_NUMEL"]
+
+#: Tensors with at most this many (real) elements are packed into one flat buffer per
+#: (dtype, device, step) by the ``foreach``/``fused`` paths.
+PACK_NUMEL = 1 << 15
+#: The eager ``foreach`` path runs elementwise kernels on large tensors in chunks of this size.
+CHUNK_NUMEL = 1 << 16
+
+Kernel = Callable[..., None]
+_IS_SPARSE = operator.attrgetter("is_sparse")
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+
+
+class SparseGradientError(TypeError, RuntimeError):
+    """Raised when a parameter has a sparse gradient (a ``TypeError`` and, like torch, a ``RuntimeError``)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+def _fmt(x: float) -> str:
+    return "inf" if x == math.inf else ("-inf" if x == -math.inf else repr(x))
+
+
+def check_range(
+    owner: str,
+    name: str,
+    value: Any,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Raise ``ValueError`` unless ``value`` is a real number in the interval (uniform message)."""
+    left = "(" if low_open or low == -math.inf else "["
+    right = ")" if high_open or high == math.inf else "]"
+    interval = f"{left}{_fmt(low)}, {_fmt(high)}{right}"
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise ValueError(f"{owner}: invalid {name}={value!r}; expected a real number in {interval}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{owner}: invalid {name}={value!r}; expected a real number in {interval}")
+    ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok or math.isnan(value):
+        raise ValueError(f"{owner}: invalid {name}={value!r}; expected a real number in {interval}")
+
+
+def check_lr(owner: str, lr: Any) -> None:
+    """Learning rate: a float or a one-element tensor in [0, inf)."""
+    check_range(owner, "lr", lr, 0.0, math.inf)
+
+
+def check_betas(owner: str, betas: Any, n: int = 2, name: str = "betas") -> None:
+    """A tuple of ``n`` decay rates, each in [0, 1)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != n:
+        raise ValueError(f"{owner}: invalid {name}={betas!r}; expected a tuple of {n} floats, each in [0, 1)")
+    for i, b in enumerate(betas):
+        check_range(owner, f"{name}[{i}]", b, 0.0, 1.0, high_open=True)
+
+
+def check_choice(owner: str, name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}: invalid {name}={value!r}; expected one of {list(choices)}")
+
+
+def as_float(x: Any) -> float:
+    """A hyperparameter as a Python float (tensor learning rates are read once per step)."""
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels compute in: float32 for 16-bit floats, otherwise the dtype itself."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+# ----------------------------------------------------------------------------------------------
+# compiled kernels
+# ----------------------------------------------------------------------------------------------
+@functools.cache
+def compiled(kernel: Kernel) -> Kernel:
+    """``torch.compile`` of a kernel (dynamic shapes, one graph); compiled lazily, cached per kernel."""
+    logger.info("gradkit.optim: compiling %s (first fused step; takes a few seconds)", kernel.__qualname__)
+    return torch.compile(kernel, dynamic=True, fullgraph=True)
+
+
+class _Pack:
+    """Flat buffers for the packed small tensors of one bucket (same group, dtype, device, step).
+
+    ``buffers[0]``/``buffers[1]`` are scratch copies of the parameters and gradients; the state
+    tensors of the members *live* in ``states[k]``: each member's ``state[name]`` is a view into
+    it, so packing costs no state copies.  When a state entry is replaced (``load_state_dict``,
+    user code), :meth:`adopt` copies the values back in and re-installs the views.
+    """
+
+    def __init__(self, members: list[torch.Tensor], names: tuple[str, ...]) -> None:
+        self.members = members
+        self.names = names
+        shapes = [_real(p).shape for p in members]
+        sizes = [math.prod(s) for s in shapes]
+        ref = _real(members[0])
+        n = sum(sizes)
+
+        def views(buf: torch.Tensor) -> list[torch.Tensor]:
+            return [v.view(s) for v, s in zip(buf.split(sizes), shapes)]
+
+        self.buffers = [torch.empty(n, dtype=ref.dtype, device=ref.device) for _ in range(2 + len(names))]
+        self.views = [views(b) for b in self.buffers]
+        cplx = members[0].is_complex()
+        # the objects stored in the optimizer state (complex views for complex parameters)
+        self.installed = [[torch.view_as_complex(v) if cplx else v for v in vs] for vs in self.views[2:]]
+
+    def installed_in(self, states: list[dict[str, Any]]) -> bool:
+        return all(all(map(operator.is_, [st[n] for st in states], objs))
+                   for n, objs in zip(self.names, self.installed))
+
+    def adopt(self, states: list[dict[str, Any]]) -> None:
+        for k, n in enumerate(self.names):
+            torch._foreach_copy_(self.views[2 + k], [_real(st[n]) for st in states])
+            for st, obj in zip(states, self.installed[k]):
+                st[n] = obj
+
+    def release(self, states: dict[Any, dict[str, Any]], keep: set[int]) -> None:
+        """Give members not in ``keep`` their own state tensors (so this buffer can be freed)."""
+        for i, p in enumerate(self.members):
+            if id(p) in keep:
+                continue
+            st = states.get(p)
+            if st is None:
+                continue
+            for n, objs in zip(self.names, self.installed):
+                if st.get(n) is objs[i]:
+                    st[n] = objs[i].clone()
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+# ----------------------------------------------------------------------------------------------
+# base optimizer
+# ----------------------------------------------------------------------------------------------
+class Optimizer(torch.optim.Optimizer):
+    """Base class of the gradkit optimizers (see the module docstring).
+
+    Subclasses define
+
+    * ``state_names``: names of the per-parameter state tensors (created as zeros of the
+      parameter's shape and dtype, unless :meth:`_init_state` is overridden);
+    * ``kernel``: a ``staticmethod`` ``kernel(param, grad, *states, h, **static)`` updating ``param``
+      and the states in place;
+    * :meth:`_validate` (checks one param group), :meth:`_hyper` (the vector ``h`` for a group at a
+      given step, as Python floats) and optionally :meth:`_static` (Python constants passed to the
+      kernel, e.g. ``nesterov``; ``maximize`` is always passed);
+    * ``elementwise = False`` when the kernel mixes elements of a tensor (norms, projections): the
+      kernel then receives a batch ``(B, *S)`` of tensors of one shape ``S`` (:meth:`_batch_shape`)
+      and reduces per leading index; the reference path passes one tensor (``B = 1``), the fast
+      paths pack all tensors of a group that share ``S``.  ``batchable = False`` keeps ``B = 1``.
+    """
+
+    state_names: tuple[str, ...] = ()
+    elementwise: bool = True
+    batchable: bool = True
+    compilable: bool = True  # False: ``fused=True`` runs the eager kernel on the same packed schedule
+    supports_complex: bool = True
+    kernel: Kernel
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        defaults = dict(defaults, maximize=maximize, foreach=foreach, fused=fused)
+        self._packs: dict[tuple, _Pack] = {}
+        self._state_lists: dict[int, tuple] = {}
+        super().__init__(params, defaults)
+
+    # -- per-optimizer hooks -------------------------------------------------------------------
+    def _validate(self, group: dict[str, Any]) -> None:  # pragma: no cover - overridden
+        pass
+
+    def _hyper(self, group: dict[str, Any], step: int) -> list[float]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _static(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def _batch_shape(self, p: torch.Tensor) -> tuple[int, ...] | None:
+        """Non-elementwise kernels: the shape ``S`` of one tensor in a batch ``(B, *S)``; None = elementwise."""
+        return tuple(p.shape)
+
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        state["step"] = 0
+        for name in self.state_names:
+            state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    # -- torch.optim plumbing ------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1])
+        except (ValueError, TypeError):
+            self.param_groups.pop()  # leave the optimizer as it was
+            raise
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        name = type(self).__name__
+        if not isinstance(group["maximize"], bool):
+            raise ValueError(f"{name}: invalid maximize={group['maximize']!r}; expected True or False")
+        for flag in ("foreach", "fused"):
+            if group[flag] not in (None, True, False):
+                raise ValueError(f"{name}: invalid {flag}={group[flag]!r}; expected None, True or False")
+        if group["foreach"] and group["fused"]:
+            raise ValueError(f"{name}: foreach=True and fused=True are exclusive; pick one")
+        check_lr(name, group["lr"])
+        self._validate(group)
+        if not self.supports_complex and any(p.is_complex() for p in group["params"]):
+            raise TypeError(f"{name} does not support complex parameters (its update is not defined for them)")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._packs = {}
+        self._state_lists = {}
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_packs", None)
+        state.pop("_state_lists", None)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    # -- the shared step -----------------------------------------------------------------------
+    def _mode(self, group: dict[str, Any]) -> str:
+        if group["fused"]:
+            return "fused"
+        if group["foreach"] is False:
+            return "reference"
+        return "foreach"
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        if any(map(_IS_SPARSE, grads)):
+            raise SparseGradientError(
+                f"{type(self).__name__} does not support sparse gradients; use a dense gradient "
+                "(e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam"
+            )
+        states = self._states_of(group, params)
+        for p, st in zip(params, states):
+            if st:
+                st["step"] += 1
+            else:
+                self._init_state(p, st, group)
+                st["step"] += 1
+
+        mode = self._mode(group)
+        kernel = compiled(type(self).kernel) if mode == "fused" and self.compilable else type(self).kernel
+        static = dict(self._static(group), maximize=group["maximize"])
+
+        # buckets: same step count (bias corrections), dtype and device
+        steps = [st["step"] for st in states]
+        dtypes = set(map(_DTYPE, params))
+        devices = set(map(_DEVICE, params)) if len(params) > 1 else {params[0].device}
+        if steps.count(steps[0]) == len(steps) and len(dtypes) == 1 and len(devices) == 1:
+            buckets = {(steps[0], params[0].dtype, params[0].device): list(range(len(params)))}
+        else:
+            buckets = {}
+            for i, (p, step) in enumerate(zip(params, steps)):
+                buckets.setdefault((step, p.dtype, p.device), []).append(i)
+
+        for (step, dtype, device), idx in buckets.items():
+            cplx = dtype.is_complex
+            real_dtype = dtype.to_real() if cplx else dtype
+            h = torch.tensor(self._hyper(group, step), dtype=opmath_dtype(real_dtype), device=device)
+            if self.elementwise:
+                self._run_elementwise(group, mode, kernel, static, h, cplx, idx, params, grads, states)
+            else:
+                self._run_batched(group, mode, kernel, static, h, cplx, idx, params, grads, states)
+
+    def _states_of(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[dict[str, Any]]:
+        """``[self.state[p] for p in params]``, cached per group (hashing 1000s of tensors is slow)."""
+        cached = self._state_lists.get(id(group))
+        if (cached is not None and cached[0] is self.state and len(cached[1]) == len(params)
+                and all(map(operator.is_, cached[1], params))):
+            return cached[2]
+        states = [self.state[p] for p in params]
+        self._state_lists[id(group)] = (self.state, params, states)
+        return states
+
+    def _run_elementwise(self, group, mode, kernel, static, h, cplx, idx, params, grads, states) -> None:
+        small = [i for i in idx if params[i].numel() <= PACK_NUMEL] if mode != "reference" else []
+        if len(small) < 2 and not (small and mode == "fused"):
+            small = []  # packing one tensor gains nothing (except a fixed shape when compiled)
+        if small:
+            packed = set(small)
+            large = [i for i in idx if i not in packed]
+        else:
+            large = idx
+        for i in large:
+            args = [params[i], grads[i]] + [states[i][n] for n in self.state_names]
+            if cplx:
+                args = [_real(a) for a in args]
+            contiguous = all(a.is_contiguous() for a in args)
+            if mode == "fused":
+                if contiguous:
+                    args = [a.view(-1) for a in args]  # one graph for every shape
+                if args[0].numel() <= 1:  # a size-1 input would force a recompilation
+                    type(self).kernel(*args, h=h, **static)
+                    continue
+            elif mode == "foreach" and contiguous and args[0].numel() > CHUNK_NUMEL:
+                # eager kernel on cache-sized chunks: its temporaries stay small and are reused
+                # (whole-tensor temporaries cost a fresh, page-faulting allocation per operation)
+                flat = [a.view(-1) for a in args]
+                for chunk in zip(*(f.split(CHUNK_NUMEL) for f in flat)):
+                    kernel(*chunk, h=h, **static)
+                continue
+            kernel(*args, h=h, **static)
+        if small and len(small) == len(params):  # the common case: no index lists to build
+            self._step_packed(group, kernel, params, grads, states, h, static, cplx, None)
+        elif small:
+            self._step_packed(group, kernel, [params[i] for i in small], [grads[i] for i in small],
+                              [states[i] for i in small], h, static, cplx, None)
+
+    def _run_batched(self, group, mode, kernel, static, h, cplx, idx, params, grads, states) -> None:
+        """Non-elementwise kernels see tensors of shape ``(B, *S)``, ``S = self._batch_shape(param)``.
+
+        The reference path calls the kernel once per tensor (``B = 1``); the fast paths pack the
+        tensors that share ``S`` into one buffer.  ``S = None`` marks tensors the kernel treats
+        elementwise: they are packed flat, as ``(1, total)``.
+        """
+        groups: dict[Any, list[int]] = {}
+        for i in idx:
+            shape = self._batch_shape(_real(params[i]) if cplx else params[i])
+            # small tensors of one shape are batched; large ones run alone (B = 1), which compiles
+            # to better code than a dynamic batch dimension
+            batch = mode != "reference" and self.batchable and (shape is None or params[i].numel() <= PACK_NUMEL)
+            groups.setdefault((shape, None if batch else i), []).append(i)
+        for (shape, solo), members in groups.items():
+            if solo is None and (len(members) > 1 or mode == "fused"):
+                self._step_packed(group, kernel, [params[i] for i in members], [grads[i] for i in members],
+                                  [states[i] for i in members], h, static, cplx, shape or ())
+                continue
+            i = members[0]
+            args = [params[i], grads[i]] + [states[i][n] for n in self.state_names]
+            if cplx:
+                args = [_real(a) for a in args]
+            view = (1, *shape) if shape is not None else (1, -1)
+            run = kernel if args[0].numel() > 1 else type(self).kernel  # no size-1 recompilation
+            if all(a.is_contiguous() for a in args):
+                run(*[a.view(view) for a in args], h=h, **static)
+            else:  # work on contiguous copies, then write back
+                work = [a.reshape(view).clone() for a in args]
+                run(*work, h=h, **static)
+                for a, w in zip([args[0]] + args[2:], [work[0]] + work[2:]):
+                    a.copy_(w.view_as(a))
+
+    def _step_packed(self, group, kernel, params, grads, states, h, static, cplx, shape) -> None:
+        """``shape``: None = elementwise (flat buffers); () = flat as (1, total); else buffers as (B, *shape)."""
+        key = (id(group), len(params), id(params[0]), id(params[-1]))  # cheap; members checked below
+        pack = self._packs.get(key)
+        if pack is None or not all(map(operator.is_, pack.members, params)):
+            pack = self._new_pack(key, params)
+        if not pack.installed_in(states):
+            pack.adopt(states)
+        if cplx:
+            params = [_real(p) for p in params]
+            grads = [_real(g) for g in grads]
+        torch._foreach_copy_(pack.views[0], params)
+        torch._foreach_copy_(pack.views[1], grads)
+        if pack.buffers[0].numel() <= 1:
+            kernel = type(self).kernel  # a size-1 buffer would force a recompilation
+        buffers = pack.buffers
+        if shape is not None:
+            buffers = [b.view(1, -1) if shape == () else b.view(-1, *shape) for b in buffers]
+        kernel(*buffers, h=h, **static)
+        torch._foreach_copy_(params, pack.views[0])
+
+    def _new_pack(self, key: tuple, params: list[torch.Tensor]) -> _Pack:
+        keep = set(map(id, params))
+        for old_key in list(self._packs):
+            old = self._packs[old_key]
+            # packs of the same group sharing members are superseded; cap the cache size
+            if len(self._packs) > 16 or (old_key[0] == key[0] and not keep.isdisjoint(map(id, old.members))):
+                self._packs.pop(old_key).release(self.state, keep)
+        pack = _Pack(params, self.state_names)
+        self._packs[key] = pack
+        return pack
+
+    # -- introspection -------------------------------------------------------------------------
+    def state_bytes(self) -> int:
+        """Bytes held by tensor state (what ``state_dict`` stores besides step counters)."""
+        seen: set[int] = set()
+        total = 0
+        for st in self.state.values():
+            for v in st.values():
+                if isinstance(v, torch.Tensor) and id(v) not in seen:
+                    seen.add(id(v))
+                    total += v.numel() * v.element_size()
+        return total

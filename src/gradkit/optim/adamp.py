@@ -1,0 +1,215 @@
+"""AdamP and SGDP: remove the radial component of updates of scale-invariant weights (Heo et al., 2021)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from ._base import Optimizer, as_float, check_betas, check_range
+
+__all__ = ["AdamP", "SGDP", "adamp_kernel", "sgdp_kernel", "project_radial"]
+
+
+def project_radial(param, grad, update, delta, eps):
+    r"""Remove the radial component of ``update`` where ``param`` looks scale-invariant.
+
+    Batched: the inputs have shape ``(B, rows, cols)``, one 2-D view (``rows`` = output channels)
+    of ``B`` parameters of one shape; returns ``(update', projected)`` with ``projected`` of shape
+    ``(B,)``.  Following the paper (Algorithm 1, "Projection"), two views are tried in order: the
+    *channel* view (one row per output channel) then the *layer* view (a single row).  A view
+    applies when :math:`\max_{rows} |\cos(g, \theta)| < \delta/\sqrt{\dim}` (``dim`` = row
+    length): the gradient is nearly orthogonal to the weight, the signature of scale invariance.
+    The update then loses its component along :math:`\theta/(\|\theta\|+\epsilon)`, row by row:
+    :math:`u - \theta\,\langle\theta, u\rangle/(\|\theta\|+\epsilon)^2`.  Both views are computed from
+    the same four row sums and the choice is a ``torch.where`` (no data-dependent branch), so the
+    projection compiles into one graph with a single pass over the update.
+    """
+    rows, cols = param.shape[1], param.shape[2]
+    # per-row sums, shared by both views (the layer view sums them over rows)
+    pp, gg, gp, pu = ((x * y).sum(-1) for x, y in ((param, param), (grad, grad), (grad, param), (param, update)))
+
+    def view(pp, gg, gp, pu, dim):
+        cos = gp / torch.clamp_min(gg * pp, eps * eps).sqrt()
+        coef = pu / (pp.sqrt() + eps) ** 2  # <p_unit, u> / (||p|| + eps), p_unit = p / (||p|| + eps)
+        return cos.abs() < delta / math.sqrt(dim), coef
+
+    channel, coef_c = view(pp, gg, gp, pu, cols)  # (B, rows)
+    layer, coef_l = view(*(x.sum(-1, keepdim=True) for x in (pp, gg, gp, pu)), rows * cols)  # (B, 1)
+    channel = channel.all(dim=1, keepdim=True)  # max over rows of |cos| below the threshold
+    coef = torch.where(channel, coef_c, torch.where(layer, coef_l, 0.0))
+    return update - param * coef.unsqueeze(-1), (channel | layer).squeeze(1)
+
+
+def adamp_kernel(param, grad, exp_avg, exp_avg_sq, *, h, maximize: bool, nesterov: bool) -> None:
+    """Reference AdamP step on a batch ``(B, rows, cols)`` of weights of one shape, or ``(1, n)`` of vectors.
+
+    ``h = [lr, beta1, beta2, eps, weight_decay, delta, wd_ratio, bias_correction1, sqrt(bias_correction2)]``.
+    """
+    lr, beta1, beta2, eps, wd, delta, wd_ratio, bc1, bc2_sqrt = (h[i] for i in range(9))
+    g = grad.to(h.dtype)
+    if maximize:
+        g = -g
+    p = param.to(h.dtype)
+    m = exp_avg.to(h.dtype) * beta1 + (1 - beta1) * g
+    v = torch.addcmul(exp_avg_sq.to(h.dtype) * beta2, (1 - beta2) * g, g)
+    denom = v.sqrt() / bc2_sqrt + eps
+    perturb = (beta1 * m + (1 - beta1) * g) / denom if nesterov else m / denom
+    if param.dim() == 3:  # (B, rows, cols): weights with >1 dimension; vectors are never projected
+        perturb, projected = project_radial(p, g, perturb, delta, eps)
+        wd = wd * torch.where(projected, wd_ratio, 1.0).view(-1, 1, 1)
+    param.copy_(p * (1 - lr * wd) - (lr / bc1) * perturb)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+
+
+def sgdp_kernel(param, grad, momentum_buffer, *, h, maximize: bool, nesterov: bool) -> None:
+    """Reference SGDP step on a batch (see :func:`adamp_kernel`); ``h = [lr, momentum, dampening, eps, weight_decay, delta, wd_ratio]``."""
+    lr, mu, dampening, eps, wd, delta, wd_ratio = (h[i] for i in range(7))
+    g = grad.to(h.dtype)
+    if maximize:
+        g = -g
+    p = param.to(h.dtype)
+    buf = momentum_buffer.to(h.dtype) * mu + (1 - dampening) * g
+    d_p = g + mu * buf if nesterov else buf
+    if param.dim() == 3:  # (B, rows, cols): weights with >1 dimension; vectors are never projected
+        d_p, projected = project_radial(p, g, d_p, delta, eps)
+        wd = wd * torch.where(projected, wd_ratio, 1.0).view(-1, 1, 1)
+    param.copy_(p * (1 - lr * wd / (1 - mu)) - lr * d_p)
+    momentum_buffer.copy_(buf)
+
+
+class _ProjectedMixin:
+    supports_complex = False
+    elementwise = False
+
+    def _batch_shape(self, p: torch.Tensor) -> tuple[int, ...] | None:
+        # weights: the (channels, rest) view; vectors and scalars: elementwise (never projected)
+        return (p.shape[0], p.numel() // p.shape[0]) if p.dim() > 1 else None
+
+    def _static(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {"nesterov": group["nesterov"]}
+
+    def _validate_projection(self, group: dict[str, Any]) -> None:
+        name = type(self).__name__
+        check_range(name, "eps", group["eps"], 0.0)
+        check_range(name, "weight_decay", group["weight_decay"], 0.0)
+        check_range(name, "delta", group["delta"], 0.0)
+        check_range(name, "wd_ratio", group["wd_ratio"], 0.0, 1.0)
+        if not isinstance(group["nesterov"], bool):
+            raise ValueError(f"{name}: invalid nesterov={group['nesterov']!r}; expected True or False")
+
+
+class AdamP(_ProjectedMixin, Optimizer):
+    r"""AdamP: Adam without the radial (norm-growing) component on scale-invariant weights.
+
+    Heo, Chun, Oh, Han, Yun, Kim, Uh and Ha, "AdamP: Slowing Down the Slowdown for Momentum
+    Optimizers on Scale-invariant Weights", ICLR 2021, arXiv:2006.08217 (Algorithm 2).
+
+    .. math::
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        p_t &= \frac{m_t}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon}
+              \quad\text{(Nesterov: } \frac{\beta_1 m_t + (1-\beta_1) g_t}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon}) \\
+        q_t &= \begin{cases} \Pi_{\theta}(p_t) = p_t - (\hat\theta\cdot p_t)\,\hat\theta & \text{if }
+              \max|\cos(\theta, g_t)| < \delta/\sqrt{\dim(\theta)} \\ p_t & \text{otherwise} \end{cases} \\
+        \theta_t &= \theta_{t-1}(1 - \eta\lambda\,r_t) - \frac{\eta}{1-\beta_1^t}\, q_t,
+              \qquad r_t = \text{wd\_ratio if projected else } 1
+
+    :math:`\hat\theta = \theta/(\|\theta\|+\epsilon)` row-wise, in the channel view first and the
+    layer view second (:func:`project_radial`); 1-D parameters (biases, norms' gains) are never
+    projected.  Symbols: :math:`\eta` = ``lr``, :math:`(\beta_1,\beta_2)` = ``betas``,
+    :math:`\epsilon` = ``eps``, :math:`\lambda` = ``weight_decay`` (decoupled), :math:`\delta` =
+    ``delta``, ``wd_ratio``, ``nesterov``.  Defaults are those of the paper and of the authors'
+    code (clovaai/AdamP): lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 0, delta 0.1,
+    wd_ratio 0.1, nesterov False.  Complex parameters are refused (the paper's cosine test is
+    defined for real weights).
+
+    State: ``exp_avg``, ``exp_avg_sq`` (8 bytes per float32 parameter).
+    """
+
+    state_names = ("exp_avg", "exp_avg_sq")
+    kernel = staticmethod(adamp_kernel)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        delta: float = 0.1,
+        wd_ratio: float = 0.1,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=delta,
+                                      wd_ratio=wd_ratio, nesterov=nesterov),
+                         maximize=maximize, foreach=foreach, fused=fused)
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        check_betas(type(self).__name__, group["betas"])
+        self._validate_projection(group)
+
+    def _hyper(self, group: dict[str, Any], step: int) -> list[float]:
+        b1, b2 = group["betas"]
+        return [as_float(group["lr"]), b1, b2, group["eps"], group["weight_decay"], group["delta"],
+                group["wd_ratio"], 1 - b1**step, math.sqrt(1 - b2**step)]
+
+
+class SGDP(_ProjectedMixin, Optimizer):
+    r"""SGDP: SGD with momentum without the radial component on scale-invariant weights.
+
+    Heo et al., ICLR 2021, arXiv:2006.08217 (Algorithm 1).
+
+    .. math::
+        b_t &= \mu\, b_{t-1} + (1-\tau) g_t, \qquad p_t = b_t \ \text{(Nesterov: } g_t + \mu b_t) \\
+        \theta_t &= \theta_{t-1}\Big(1 - \frac{\eta\lambda\, r_t}{1-\mu}\Big) - \eta\, q_t
+
+    with :math:`q_t, r_t` the projection and decay ratio of :class:`AdamP`.  Symbols: :math:`\eta`
+    = ``lr`` (required, as in the authors' code), :math:`\mu` = ``momentum``, :math:`\tau` =
+    ``dampening``, :math:`\lambda` = ``weight_decay`` (decoupled and divided by :math:`1-\mu` as in
+    the authors' code), ``eps``, ``delta``, ``wd_ratio``, ``nesterov``; state ``momentum_buffer``
+    (:math:`b`, zeros at start).  The buffer stores the unprojected :math:`b_t` (the paper's
+    algorithm); the authors' code, without Nesterov, projects its buffer in place.  Defaults
+    (authors' code): momentum 0, dampening 0, eps 1e-8, weight_decay 0, delta 0.1, wd_ratio 0.1.
+
+    State: one tensor per parameter (4 bytes per float32 parameter).
+    """
+
+    state_names = ("momentum_buffer",)
+    kernel = staticmethod(sgdp_kernel)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | torch.Tensor,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        delta: float = 0.1,
+        wd_ratio: float = 0.1,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, eps=eps,
+                                      weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio, nesterov=nesterov),
+                         maximize=maximize, foreach=foreach, fused=fused)
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        name = type(self).__name__
+        check_range(name, "momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        check_range(name, "dampening", group["dampening"], 0.0, 1.0)
+        self._validate_projection(group)
+
+    def _hyper(self, group: dict[str, Any], step: int) -> list[float]:
+        return [as_float(group["lr"]), group["momentum"], group["dampening"], group["eps"], group["weight_decay"],
+                group["delta"], group["wd_ratio"]]
