@@ -106,6 +106,14 @@ def check_betas(owner: str, betas: Any, n: int = 2, name: str = "betas") -> None
         check_range(owner, f"{name}[{i}]", b, 0.0, 1.0, high_open=True)
 
 
+def check_adam_group(owner: str, group: dict[str, Any]) -> None:
+    """The hyperparameters every Adam-like group has: ``betas`` (2 decay rates in [0, 1)),
+    ``eps >= 0`` and ``weight_decay >= 0``."""
+    check_betas(owner, group["betas"])
+    check_range(owner, "eps", group["eps"], 0.0)
+    check_range(owner, "weight_decay", group["weight_decay"], 0.0)
+
+
 def check_choice(owner: str, name: str, value: Any, choices: Sequence[Any]) -> None:
     if value not in choices:
         raise ValueError(f"{owner}: invalid {name}={value!r}; expected one of {list(choices)}")

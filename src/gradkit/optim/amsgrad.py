@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ._base import Optimizer, as_float, check_betas, check_range
+from ._base import Optimizer, as_float, check_adam_group
 
 __all__ = ["AMSGrad", "amsgrad_kernel"]
 
@@ -76,12 +76,9 @@ class AMSGrad(Optimizer):
                          maximize=maximize, foreach=foreach, fused=fused)
 
     def _validate(self, group: dict[str, Any]) -> None:
-        name = type(self).__name__
-        check_betas(name, group["betas"])
-        check_range(name, "eps", group["eps"], 0.0)
-        check_range(name, "weight_decay", group["weight_decay"], 0.0)
+        check_adam_group(type(self).__name__, group)
         if not isinstance(group["bias_correction"], bool):
-            raise ValueError(f"{name}: invalid bias_correction={group['bias_correction']!r}; expected True or False")
+            raise ValueError(f"{type(self).__name__}: invalid bias_correction={group['bias_correction']!r}; expected True or False")
 
     def _hyper(self, group: dict[str, Any], step: int) -> list[float]:
         b1, b2 = group["betas"]

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ._base import Optimizer, as_float, check_betas, check_range
+from ._base import Optimizer, as_float, check_adam_group
 
 __all__ = ["DiffGrad", "diffgrad_kernel"]
 
@@ -76,10 +76,7 @@ class DiffGrad(Optimizer):
                          maximize=maximize, foreach=foreach, fused=fused)
 
     def _validate(self, group: dict[str, Any]) -> None:
-        name = type(self).__name__
-        check_betas(name, group["betas"])
-        check_range(name, "eps", group["eps"], 0.0)
-        check_range(name, "weight_decay", group["weight_decay"], 0.0)
+        check_adam_group(type(self).__name__, group)
 
     def _hyper(self, group: dict[str, Any], step: int) -> list[float]:
         b1, b2 = group["betas"]
