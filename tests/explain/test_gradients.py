@@ -492,3 +492,128 @@ def test_affine_prefix_refuses_what_is_not_affine():
     torch.testing.assert_close(E.integrated_gradients(model, x, 1, steps=5),
                                E.integrated_gradients(doubled, x, 1, steps=5, shortcut=False), rtol=1e-12, atol=1e-14)
     handle.remove()
+
+
+# ------------------------------------------------ BatchNorm folding and channels-last layout
+class ResidualBN(nn.Module):
+    """conv → BN → ReLU, a residual block whose shortcut is conv → BN, and a conv read twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.short = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+        self.shared, self.bn_shared = nn.Conv2d(4, 3, 1), nn.BatchNorm2d(3)  # conv output also read directly
+        self.head = nn.Linear(3 * 5 * 5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = torch.relu(self.bn(self.conv(h)) + self.short(h))
+        s = self.shared(h)
+        return self.head((self.bn_shared(s) + s).flatten(1))
+
+
+def residual_bn() -> nn.Module:
+    torch.manual_seed(6)
+    model = ResidualBN().to(DTYPE)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def test_fold_batch_norm_is_the_same_function_and_leaves_the_model_alone():
+    fold = E._common.fold_batch_norm
+    model = residual_bn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold(model)
+    assert folded is not model
+    kinds = [type(m) for m in folded.modules()]
+    assert kinds.count(nn.BatchNorm2d) == 1  # stem, block and shortcut folded; the shared conv's BN kept
+    x = randn(4, 2, 5, 5)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-13)
+    assert [type(m) for m in model.modules()].count(nn.BatchNorm2d) == 4
+    assert model.stem[1] is not None and model.conv.bias is None  # the user's modules are untouched
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_fold_batch_norm_refuses_what_it_cannot_fold():
+    fold = E._common.fold_batch_norm
+    model = residual_bn().train()
+    assert fold(model) is model  # batch statistics
+    model.eval()
+    no_stats = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3, track_running_stats=False)).eval()
+    assert fold(no_stats) is no_stats
+
+    class Branchy(nn.Module):  # control flow on values: not traceable
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else x
+
+    branchy = Branchy().eval()
+    assert fold(branchy) is branchy
+    assert fold(lambda z: z) is not None
+    # a hooked pair is kept, with its hook; the rest is still folded
+    calls = []
+    handle = model.conv.register_forward_hook(lambda *a: calls.append(1))
+    folded = fold(model)
+    assert [type(m) for m in folded.modules()].count(nn.BatchNorm2d) == 2
+    folded(randn(1, 2, 5, 5))
+    assert calls == [1]
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert fold(model) is model  # global hooks see every module: keep them all
+    finally:
+        handle.remove()
+
+
+def test_folded_channels_last_sweeps_equal_the_reference_path(monkeypatch):
+    """Every method that goes through ``sweep``/``forward_values`` gives the same attributions
+    with BatchNorm folding and the channels-last layout (forced on for these few rows) as through
+    the model as given in NCHW; and the fast path is really taken."""
+    common = E._common
+    model, x, base = residual_bn(), randn(5, 2, 5, 5), randn(5, 2, 5, 5, seed=3)
+    background = randn(7, 2, 5, 5, seed=4)
+    target = torch.tensor([0, 1, 2, 1, 0])
+
+    def run():
+        return [
+            E.integrated_gradients(model, x, target, baselines=base, steps=7, batch_size=8, return_delta=True),
+            E.smoothgrad(model, x, target, n=6, seed=2, batch_size=8),
+            E.expected_gradients(model, x, target, background=background, n=6, seed=1, batch_size=8),
+            E.idgi(model, x, target, baselines=base, steps=5),
+            E.saliency(model, x, target),
+        ]
+
+    fold, layout, seen = common.fold_batch_norm, common.model_layout, []
+    monkeypatch.setattr(common, "FOLD_MIN_ROWS", 0)
+    monkeypatch.setattr(common, "fold_batch_norm", lambda m: seen.append(fold(m)) or seen[-1])
+    monkeypatch.setattr(common, "model_layout", lambda m, z: seen.append(layout(m, z)) or seen[-1])
+    fast = run()
+    assert any(isinstance(s, torch.fx.GraphModule) for s in seen) and torch.channels_last in seen
+    monkeypatch.setattr(common, "fold_batch_norm", lambda m: m)
+    monkeypatch.setattr(common, "model_layout", lambda m, z: torch.contiguous_format)
+    reference = run()
+    for a, b in zip(fast, reference):
+        for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
+            assert u.is_contiguous()
+
+
+def test_double_backprop_keeps_the_parameters_of_a_batch_norm_model(monkeypatch):
+    """With ``create_graph`` nothing is folded, so the prior's gradient reaches the model's own
+    parameters, including the BatchNorm affine ones."""
+    monkeypatch.setattr(E._common, "FOLD_MIN_ROWS", 0)
+    model, x = residual_bn(), randn(3, 2, 5, 5)
+    phi = E.expected_gradients(model, x, 1, background=randn(4, 2, 5, 5, seed=2), n=3, seed=0, create_graph=True)
+    grads = torch.autograd.grad(E.total_variation_prior(phi), [model.stem[1].weight, model.conv.weight])
+    assert all(float(g.abs().max()) > 0 for g in grads)
