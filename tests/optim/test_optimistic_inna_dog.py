@@ -6,6 +6,7 @@ kernels; no peer library implements these optimizers (pytorch-optimizer 4.1 has 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -103,6 +104,55 @@ def test_half_iterates_are_amsgrad_on_a_fixed_gradient_stream(span):
         ams.step()
         close(opt.state[x]["half_param"], y.detach(), rtol=1e-13, atol=1e-15)
     assert not torch.allclose(x, y)  # the evaluation point itself is optimistic
+
+
+def test_optimistic_amsgrad_history_is_updated_incrementally(monkeypatch):
+    """Per step and tensor the Gram entries cost span - 1 dot products (the new difference against
+    the stored ones), not a pass over the history; the cached entries equal the dot products of
+    the stored differences, which are the successive differences of the last gradients; a
+    restored optimizer rebuilds them and continues identically."""
+    span = 5
+    grads = grad_stream((30,), 12, seed=5)
+    x = x_init().requires_grad_()
+    opt = OptimisticAMSGrad([x], span=span, lr=1e-2)
+    calls = []
+    real_dot = torch.dot
+    monkeypatch.setattr(torch, "dot", lambda a, b: calls.append(1) or real_dot(a, b))
+    counts = []
+    for g in grads[:8]:
+        x.grad = g.clone()
+        calls.clear()
+        opt.step()
+        counts.append(len(calls))
+    assert counts == [0] + [span - 1] * 7  # none at the first step (no difference yet)
+    st = opt.state[x]
+    slots = [(s - 2) % (span - 1) for s in range(8 - span + 2, 9)]  # steps 5..8, oldest first
+    for slot, (a, b) in zip(slots, zip(grads[3:7], grads[4:8])):
+        close(st[f"diff_{slot}"], b - a, rtol=1e-15, atol=1e-15)
+    close(st["last_grad"], grads[7], rtol=0)
+    diffs = torch.stack([st[f"diff_{k}"] for k in range(span - 1)])
+    close(opt._dot_cache[id(x)][2], diffs @ diffs.T, rtol=1e-13)
+    # 16-bit parameters: the dot products follow the stored (bfloat16) differences, in float32
+    b = x_init().to(torch.bfloat16).requires_grad_()
+    low = OptimisticAMSGrad([b], span=span, lr=1e-2)
+    for g in grads[:8]:
+        b.grad = g.to(torch.bfloat16)
+        low.step()
+    stored = torch.stack([low.state[b][f"diff_{k}"] for k in range(span - 1)]).double()
+    close(low._dot_cache[id(b)][2], stored @ stored.T, rtol=1e-5)
+    # a restored copy rebuilds the cache (all pairs once) and takes the same steps
+    y = x.detach().clone().requires_grad_()
+    twin = OptimisticAMSGrad([y], span=span, lr=1e-2)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))  # a live state_dict shares its tensors
+    for g in grads[8:]:
+        x.grad, y.grad = g.clone(), g.clone()
+        calls.clear()
+        opt.step()
+        n_opt = len(calls)
+        calls.clear()
+        twin.step()
+        assert n_opt == span - 1 and len(calls) in (span - 1, span * (span - 1) // 2)
+        assert torch.equal(x, y)
 
 
 def test_beta1_zero_and_zero_prediction_is_amsgrad_on_a_real_loss():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -50,6 +52,13 @@ def optimistic_amsgrad_kernel(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, 
     exp_avg_sq.copy_(v)
     max_exp_avg_sq.copy_(v_max)
     half_param.copy_(half)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the 1-D float32/float64 vector its dot products are taken on (real view of a complex
+    tensor; 16-bit tensors are converted to float32)."""
+    x = (torch.view_as_real(x) if x.is_complex() else x).reshape(-1)
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def extrapolation_weights(gram: torch.Tensor, reg: float) -> torch.Tensor:
@@ -121,10 +130,13 @@ class OptimisticAMSGrad(Optimizer):
     are the authors' experiments: lr 1e-3, betas (0.9, 0.99).
 
     State: ``exp_avg`` (:math:`\theta`), ``exp_avg_sq`` (:math:`v`), ``max_exp_avg_sq``
-    (:math:`\hat v`), ``half_param`` (:math:`w_{t+1/2}`) and, for ``span >= 2``, the ring buffer
-    ``grad_0 .. grad_{span-1}`` of raw gradients: ``4 + span`` tensors of the parameter's dtype
-    (36 bytes per float32 parameter with the default span 5; ``span=1`` needs 16).  The
-    extrapolation reads the Gram matrix back to the host once per step and group.
+    (:math:`\hat v`), ``half_param`` (:math:`w_{t+1/2}`) and, for ``span >= 2``, the gradient
+    history as the last gradient ``last_grad`` and a ring buffer ``diff_0 .. diff_{span-2}`` of
+    successive differences (the columns of :math:`U`; 16-bit parameters store them rounded to
+    their dtype): ``4 + span`` tensors of the parameter's dtype (36 bytes per float32 parameter
+    with the default span 5; ``span=1`` needs 16).  Per step the history costs one subtraction
+    and ``span - 1`` dot products per tensor; the extrapolation reads the Gram matrix back to the
+    host once per step, group and device.
     """
 
     kernel = staticmethod(optimistic_amsgrad_kernel)
@@ -152,8 +164,9 @@ class OptimisticAMSGrad(Optimizer):
         self.span = span
         self.predictor = predictor
         self.state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "half_param") + (
-            tuple(f"grad_{k}" for k in range(span)) if span > 1 and predictor is None else ())
+            ("last_grad",) + tuple(f"diff_{k}" for k in range(span - 1)) if span > 1 and predictor is None else ())
         self._weights: dict[int, dict[int, list[float]]] = {}
+        self._dot_cache: dict[int, tuple] = {}  # id(param) -> (key, flat views, dots, step, weakref)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, reg=reg),
                          maximize=maximize, foreach=foreach, fused=fused)
 
@@ -181,11 +194,13 @@ class OptimisticAMSGrad(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop("_weights", None)
+        state.pop("_dot_cache", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._weights = {}
+        self._dot_cache = {}
 
     def _step_group(self, group: dict[str, Any]) -> None:
         if len(self.state_names) > 4:
@@ -194,10 +209,16 @@ class OptimisticAMSGrad(Optimizer):
 
     @torch.no_grad()
     def _extrapolate(self, group: dict[str, Any]) -> None:
-        """Store this step's gradients in the ring buffers and compute the extrapolation weights.
+        """Store this step's gradients and compute the extrapolation weights.
 
-        Runs before the shared step (which counts the step): parameters are grouped by the step
-        count they are about to reach; each such set gets one Gram matrix of gradient differences.
+        Runs before the shared step (which counts the step).  The history is kept as the last
+        gradient ``last_grad`` and a ring buffer ``diff_0 .. diff_{span-2}`` of successive
+        differences ``g_{i+1} - g_i`` (the columns of ``U``): one subtraction per step stores the
+        new difference, and the Gram matrix ``UᵀU`` needs only the new difference's dot products
+        with the stored ones (:meth:`_dots`), not a pass over the whole history.  Parameters are
+        grouped by the step count they are about to reach; each such set gets one Gram matrix.
+        The kernel's prediction ``Σ_i c_i g_i`` over the older gradients is then
+        ``last_grad − Σ_j C_j diff_j`` with ``C_j = Σ_{i≤j} c_i`` (the weights sum to one).
         """
         params = [p for p in group["params"] if p.grad is not None]
         if any(p.grad.is_sparse for p in params):
@@ -205,40 +226,62 @@ class OptimisticAMSGrad(Optimizer):
                 f"{type(self).__name__} does not support sparse gradients; use a dense gradient "
                 "(e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam"
             )
-        span = self.span
-        by_step: dict[int, list[dict[str, Any]]] = {}
+        ring = self.span - 1
+        by_step: dict[int, list[torch.Tensor]] = {}
         for p in params:
             st = self.state[p]
             if not st:
                 self._init_state(p, st, group)
             step = st["step"] + 1
-            st[f"grad_{(step - 1) % span}"].copy_(p.grad)
-            by_step.setdefault(step, []).append(st)
+            by_step.setdefault(step, []).append(self._store(p, st, step))
         weights = {}
-        for step, states in by_step.items():
-            n = min(step, span)  # gradients available: steps step-n+1 .. step
-            slots = [(s - 1) % span for s in range(step - n + 1, step + 1)]  # oldest first
-            w = [0.0] * span
-            if n < 2:
-                w[slots[-1]] = 1.0
-            else:
-                c = extrapolation_weights(self._gram(states, slots), group["reg"]).tolist()
-                for slot, ci in zip(slots[:-1], c):
-                    w[slot] = ci
+        for step, dots in by_step.items():
+            n = min(step, self.span)  # gradients used: steps step-n+1 .. step, differences n-1
+            w = [1.0] + [0.0] * ring  # last_grad, then one weight per difference slot
+            if n >= 2:
+                slots = [(s - 2) % ring for s in range(step - n + 2, step + 1)]  # oldest difference first
+                totals: dict[torch.device, torch.Tensor] = {}
+                for d in dots:
+                    totals[d.device] = totals[d.device] + d if d.device in totals else d.clone()
+                gram = sum(t.cpu() for t in totals.values())[slots][:, slots]
+                total = 0.0
+                for slot, ci in zip(slots, extrapolation_weights(gram, group["reg"]).tolist()):
+                    total += ci
+                    w[1 + slot] = -total
             weights[step] = w
         self._weights[id(group)] = weights
 
-    @staticmethod
-    def _gram(states: list[dict[str, Any]], slots: list[int]) -> torch.Tensor:
-        """``U^T U`` for ``U`` = successive differences of the stored gradients, summed over ``states``."""
-        totals: dict[torch.device, torch.Tensor] = {}
-        for st in states:
-            hist = [st[f"grad_{k}"] for k in slots]
-            hist = [torch.view_as_real(x) if x.is_complex() else x for x in hist]
-            dtype = torch.float64 if hist[0].dtype == torch.float64 else torch.float32
-            u = torch.stack([x.reshape(-1).to(dtype) for x in hist]).diff(dim=0)
-            # small tensors: a broadcast product (tiny BLAS calls are slow under thread contention)
-            gram = (u @ u.T if u.shape[1] > 4096 else (u[:, None] * u[None]).sum(-1)).to(torch.float64)
-            dev = gram.device
-            totals[dev] = totals[dev] + gram if dev in totals else gram
-        return sum(g.cpu() for g in totals.values())
+    def _store(self, p: torch.Tensor, st: dict[str, Any], step: int) -> torch.Tensor:
+        """Write ``p.grad`` (the gradient of ``step``) into ``p``'s history and return the float64
+        ``(span-1, span-1)`` matrix of dot products between its stored differences, by slot.
+
+        The matrix is cached per parameter: only the new slot's row and column are computed, unless
+        the stored differences are not those the cache was built from at the previous step
+        (``load_state_dict``, a device move, a change by the caller), when every entry is
+        recomputed.  Each entry is one ``torch.dot`` in the parameter's precision (float32 for
+        16-bit parameters, on real views of complex ones), so cached and recomputed entries are
+        equal and a resumed run matches an uninterrupted one.
+        """
+        ring = self.span - 1
+        diffs = [st[f"diff_{k}"] for k in range(ring)]
+        key = tuple((id(t), t.data_ptr()) for t in diffs)
+        cached = self._dot_cache.get(id(p))
+        valid = cached is not None and cached[4]() is p and cached[3] == step - 1 and cached[0] == key
+        new = (step - 2) % ring
+        if step >= 2:  # the difference g_step - g_{step-1}
+            torch.sub(p.grad, st["last_grad"], out=diffs[new])
+        st["last_grad"].copy_(p.grad)
+        if valid:  # the new slot against every slot
+            flat, dots = cached[1], cached[2]
+            if step >= 2:
+                flat[new] = _flat(diffs[new])  # a view (a fresh copy for 16-bit parameters)
+                row = torch.stack([torch.dot(flat[new], f) for f in flat]).to(torch.float64)
+                dots[new] = row
+                dots[:, new] = row
+        else:  # every pair
+            flat = [_flat(x) for x in diffs]
+            dots = torch.zeros(ring, ring, dtype=torch.float64, device=p.device)
+            for i, j in itertools.combinations_with_replacement(range(ring), 2) if step >= 2 else ():
+                dots[i, j] = dots[j, i] = torch.dot(flat[i], flat[j])
+        self._dot_cache[id(p)] = (key, flat, dots, step, weakref.ref(p))
+        return dots
