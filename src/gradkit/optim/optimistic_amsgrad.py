@@ -215,7 +215,7 @@ class OptimisticAMSGrad(Optimizer):
         gradient ``last_grad`` and a ring buffer ``diff_0 .. diff_{span-2}`` of successive
         differences ``g_{i+1} - g_i`` (the columns of ``U``): one subtraction per step stores the
         new difference, and the Gram matrix ``UᵀU`` needs only the new difference's dot products
-        with the stored ones (:meth:`_dots`), not a pass over the whole history.  Parameters are
+        with the stored ones (:meth:`_store`), not a pass over the whole history.  Parameters are
         grouped by the step count they are about to reach; each such set gets one Gram matrix.
         The kernel's prediction ``Σ_i c_i g_i`` over the older gradients is then
         ``last_grad − Σ_j C_j diff_j`` with ``C_j = Σ_{i≤j} c_i`` (the weights sum to one).
@@ -256,9 +256,9 @@ class OptimisticAMSGrad(Optimizer):
         ``(span-1, span-1)`` matrix of dot products between its stored differences, by slot.
 
         The matrix is cached per parameter: only the new slot's row and column are computed, unless
-        the stored differences are not those the cache was built from at the previous step
-        (``load_state_dict``, a device move, a change by the caller), when every entry is
-        recomputed.  Each entry is one ``torch.dot`` in the parameter's precision (float32 for
+        the stored differences are not the tensors the cache was built from at the previous step
+        (after ``load_state_dict``, a device move or a skipped step), when every entry is
+        recomputed.  (Values changed in place by the caller between steps are not detected.)  Each entry is one ``torch.dot`` in the parameter's precision (float32 for
         16-bit parameters, on real views of complex ones), so cached and recomputed entries are
         equal and a resumed run matches an uninterrupted one.
         """
