@@ -20,12 +20,15 @@ same rows; GradientShap has no batching) in a first pass (median of three calls 
 interleaved (median of ``--repeats``).  ``speed-up`` is Captum's time / gradkit's.  On the ResNet
 gradkit hands its batched points to the model in the channels-last layout (oneDNN's native one,
 see ``gradkit.explain._common.model_layout``); Captum keeps the layout of the inputs it is given,
-so it is also timed on channels-last inputs (``captum CL s``, at the same batch size) and
+so on image inputs (ResNet and MLP) it is also timed on channels-last inputs (``captum CL s``,
+at the same batch size) and
 ``vs CL`` is that time / gradkit's: the speed-up a Captum user who knew to convert the inputs
 would see.  With one thread the clock is the
 process CPU time (``time.process_time``), which other jobs on a shared machine do not inflate;
 ``--wall`` (or more threads) uses wall-clock time.  ``rel. diff`` is ``‖ours −
-Captum‖ / ‖Captum‖``: ~1e-7 for IG (float32; Captum rounds its weights to float32); for the
+Captum‖ / ‖Captum‖``: ~1e-7 for IG (float32; Captum rounds its weights to float32), ~4e-5 on
+the ResNet, whose BatchNorm gradkit folds into the convolutions (float32 rounding of the folded
+weights; a ReLU that flips at one path point moves that point's gradient); for the
 stochastic methods it is the Monte Carlo spread of two independent 50-sample estimates (the
 images have range exactly 1, so Captum's absolute σ = our relative σ).
 
