@@ -155,7 +155,8 @@ from gradkit.optim.frugal import FRUGAL  # noqa: E402
 from gradkit.optim.microadam import MicroAdam  # noqa: E402
 
 # The three optimizers below keep state that is not shaped like the parameters (compressed
-# windows, subspace moments, per-subset norms) and have a single implementation.  ``extra`` says
+# windows, subspace moments, per-subset norms).  FRUGAL has a single implementation; MicroAdam
+# and AdamWSN batch small tensors on their default and fused paths.  ``extra`` says
 # what the suite should expect instead of its defaults, in closed form (test_conformance.py has to
 # read these keys: until it does, test_state_memory and test_bfloat16_parameters fail for them):
 #   "state_bytes":  params -> optimizer-state bytes after a step (instead of 4 * numel * len(state_names));
@@ -217,10 +218,10 @@ REGISTRY += [
                       ({"value_dtype": torch.int8}, "value_dtype")],
           complex_ok=False,
           rosenbrock=(dict(lr=1e-3, density=1.0), 3000, 1e-4), quadratic=(dict(lr=0.01, density=0.3), 1000, 1e-8),
-          extra={"state_bytes": _microadam_bytes, "single_path": True,
+          extra={"state_bytes": _microadam_bytes,
                  "state_dtypes": {torch.bfloat16, torch.int16, torch.uint8, torch.float32}}),
     Entry("MicroAdam-unquantised", MicroAdam, dict(MICRO_KW, bits=None, value_dtype=None), ADAM_BAD, complex_ok=False,
-          extra={"single_path": True, "state_dtypes": {torch.bfloat16, torch.int16, torch.float32},
+          extra={"state_dtypes": {torch.bfloat16, torch.int16, torch.float32},
                  # window x k int16 indices and float32 values, float32 error
                  "state_bytes": lambda ps: sum(4 * math.ceil(0.3 * p.numel()) * (2 + 4) + 4 * p.numel() for p in ps)}),
     Entry("FRUGAL", FRUGAL, FRUGAL_KW,
@@ -239,10 +240,10 @@ REGISTRY += [
                      for p in ps if p.dim() >= 2)}),
     Entry("AdamWSN", AdamWSN, SN_KW, SN_BAD, complex_ok=False,
           rosenbrock=(dict(lr=0.3), 2000, 1e-3), quadratic=(dict(lr=0.1, subset_size=1), 500, 1e-8),
-          extra={"state_bytes": _adamwsn_bytes, "single_path": True}),
+          extra={"state_bytes": _adamwsn_bytes}),
     Entry("AdamWSN-adagrad", AdamWSN, dict(SN_KW, betas=(0.9, 1.0), bias_correction=False, subset_size=-1), SN_BAD,
           complex_ok=False,
-          extra={"state_bytes": lambda ps: _adamwsn_bytes(ps, subsets=_sqrt_subsets), "single_path": True}),
+          extra={"state_bytes": lambda ps: _adamwsn_bytes(ps, subsets=_sqrt_subsets)}),
 ]
 
 BY_NAME = {e.name: e for e in REGISTRY}

@@ -601,10 +601,12 @@ class PerTensorOptimizer(Optimizer):
     def _check_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         pass
 
-    def _step_group(self, group: dict[str, Any]) -> None:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+    def _prepare(self, group: dict[str, Any]) -> list[torch.Tensor]:
+        """The parameters of ``group`` with a gradient, each with its step counted, after every one
+        of them has been checked (and its state created): an error (a sparse gradient, state that
+        :meth:`_check_state` refuses) is raised before any parameter or step count changes."""
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
             if p.grad.is_sparse:
                 raise SparseGradientError(
                     f"{type(self).__name__} does not support sparse gradients; use a dense gradient "
@@ -614,6 +616,11 @@ class PerTensorOptimizer(Optimizer):
             if not state:
                 self._init_state(p, state, group)
             self._check_state(p, state, group)
-            state["step"] += 1
-            self._update(p, state, group)
+        for p in params:
+            self.state[p]["step"] += 1
+        return params
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        for p in self._prepare(group):
+            self._update(p, self.state[p], group)
 

@@ -257,10 +257,11 @@ class OptimisticAMSGrad(Optimizer):
 
         The matrix is cached per parameter: only the new slot's row and column are computed, unless
         the stored differences are not the tensors the cache was built from at the previous step
-        (after ``load_state_dict`` or a device move), when every entry is
-        recomputed.  (Values changed in place by the caller between steps are not detected.)  Each entry is one ``torch.dot`` in the parameter's precision (float32 for
-        16-bit parameters, on real views of complex ones), so cached and recomputed entries are
-        equal and a resumed run matches an uninterrupted one.
+        (after ``load_state_dict`` or a device move), when every entry is recomputed.  (Values
+        changed in place by the caller between steps are not detected.)  Each entry is one
+        ``torch.dot`` in the parameter's precision (float32 for 16-bit parameters, on real views of
+        complex ones), so cached and recomputed entries are equal and a resumed run matches an
+        uninterrupted one.
         """
         ring = self.span - 1
         diffs = [st[f"diff_{k}"] for k in range(ring)]
