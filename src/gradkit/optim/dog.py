@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ._base import Optimizer, SparseGradientError, as_float, check_range, opmath_dtype
+from ._base import PACK_NUMEL, Optimizer, SparseGradientError, as_float, check_range, opmath_dtype, run_flat
 
 __all__ = ["DoG", "LDoG"]
 
@@ -19,6 +19,33 @@ def _norms(tensors: list[torch.Tensor], fast: bool) -> list[torch.Tensor]:
     if fast and len({t.dtype for t in tensors}) == 1:
         return list(torch._foreach_norm(tensors, 2, dtype=opmath_dtype(tensors[0].dtype)))
     return [torch.linalg.vector_norm(t, dtype=opmath_dtype(t.dtype)) for t in tensors]
+
+
+def _squared_distance(param: torch.Tensor, x0: torch.Tensor, *, h: torch.Tensor) -> torch.Tensor:
+    """``Σ (param − x0)²`` (the difference in the parameters' dtype, squares summed in ``h``'s)."""
+    return (param - x0).to(h.dtype).square().sum()
+
+
+def _distances(params: list[torch.Tensor], origins: list[torch.Tensor], mode: str) -> list[torch.Tensor]:
+    """``‖x − x0‖`` per tensor.  ``fused``: tensors above ``PACK_NUMEL`` entries through one compiled
+    reduction each, which reads ``x`` and ``x0`` once and writes nothing (the other paths form the
+    difference first: a temporary as large as the tensor, and on the CPU a fresh one pays its page
+    faults on every step)."""
+    real = [(torch.view_as_real(x) if x.is_complex() else x, torch.view_as_real(o) if o.is_complex() else o)
+            for x, o in zip((p.detach() for p in params), origins)]
+    out: list[torch.Tensor | None] = [None] * len(params)
+    if mode == "fused":
+        for i, (x, o) in enumerate(real):
+            if x.numel() > PACK_NUMEL and x.is_contiguous() and o.is_contiguous():
+                h = torch.zeros(1, dtype=opmath_dtype(x.dtype), device=x.device)
+                out[i] = run_flat(_squared_distance, [x.reshape(-1), o.reshape(-1)], h, {}).sqrt()
+    rest = [i for i, d in enumerate(out) if d is None]
+    fast = mode != "reference"
+    diffs = (torch._foreach_sub([real[i][0] for i in rest], [real[i][1] for i in rest]) if fast and rest
+             else [real[i][0] - real[i][1] for i in rest])
+    for i, d in zip(rest, _norms(diffs, fast)):
+        out[i] = d
+    return out
 
 
 class DoG(Optimizer):
@@ -57,8 +84,9 @@ class DoG(Optimizer):
     (float64) kept in the param group (keys ``dog_rbar``, ``dog_gsq``; per parameter state
     ``rbar``, ``gsq`` for :class:`LDoG`), so they travel with ``state_dict``.  Each step reads the
     norms back to the host once per group (one device synchronisation).  Paths: ``foreach=False``
-    is a per-tensor loop, the default uses ``torch._foreach_*`` operations; ``fused=True`` runs the
-    ``foreach`` path (nothing to fuse beyond the norms and one ``axpy``).
+    is a per-tensor loop, the default uses ``torch._foreach_*`` operations; ``fused=True`` is the
+    default path with the distance of each large tensor taken by a compiled reduction that forms
+    no difference tensor (the rest of a step is norms and one ``axpy``).
     """
 
     state_names = ("x0",)
@@ -113,10 +141,9 @@ class DoG(Optimizer):
         grads = self._directions(group, params)
         # parameters whose distance counts: all with state (global), the stepping ones (layer-wise)
         moved = params if self.layerwise else [p for p in group["params"] if "x0" in self.state.get(p, {})]
-        diffs = (torch._foreach_sub(moved, [self.state[p]["x0"] for p in moved]) if fast
-                 else [p - self.state[p]["x0"] for p in moved])
+        distances = _distances(moved, [self.state[p]["x0"] for p in moved], self._mode(group))
         # one host read for every norm of the step: ||x0|| of new parameters, distances, gradients
-        norms = _norms(new, fast) + _norms(diffs, fast) + _norms(grads, fast)
+        norms = _norms(new, fast) + distances + _norms(grads, fast)
         host = torch.stack([n.to(torch.float64) for n in norms]).tolist()
         x0_norm, dist, gnorm = host[:len(new)], host[len(new):len(new) + len(moved)], host[len(new) + len(moved):]
         lr, reps_rel, eps = as_float(group["lr"]), group["reps_rel"], group["eps"]
