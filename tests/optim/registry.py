@@ -155,8 +155,9 @@ from gradkit.optim.frugal import FRUGAL  # noqa: E402
 from gradkit.optim.microadam import MicroAdam  # noqa: E402
 
 # The three optimizers below keep state that is not shaped like the parameters (compressed
-# windows, subspace moments, per-subset norms).  FRUGAL has a single implementation; MicroAdam
-# and AdamWSN batch small tensors on their default and fused paths.  ``extra`` says
+# windows, subspace moments, per-subset norms).  MicroAdam and AdamWSN batch small tensors on
+# their default and fused paths, FRUGAL's coordinate projectors step in place there; FRUGAL's SVD
+# projector has a single implementation.  ``extra`` says
 # what the suite should expect instead of its defaults, in closed form (test_conformance.py has to
 # read these keys: until it does, test_state_memory and test_bfloat16_parameters fail for them):
 #   "state_bytes":  params -> optimizer-state bytes after a step (instead of 4 * numel * len(state_names));
@@ -230,11 +231,11 @@ REGISTRY += [
                       ({"seed": -1}, "seed")],
           complex_ok=False,
           rosenbrock=(dict(lr=0.1), 2000, 1e-3), quadratic=(dict(lr=0.03), 500, 1e-8),
-          extra={"state_bytes": _frugal_bytes, "single_path": True}),
+          extra={"state_bytes": _frugal_bytes}),
     Entry("FRUGAL-random", FRUGAL, dict(FRUGAL_KW, projector="random", seed=0, complement="sgd"), ADAM_BAD,
-          complex_ok=False, extra={"state_bytes": _frugal_bytes, "single_path": True}),
+          complex_ok=False, extra={"state_bytes": _frugal_bytes}),
     Entry("FRUGAL-svd", FRUGAL, dict(FRUGAL_KW, projector="svd"), ADAM_BAD, complex_ok=False,
-          extra={"single_path": True,  # + the r x n basis of each matrix
+          extra={"single_path": True,  # one path for the SVD projector; + the r x n basis of each matrix
                  "state_bytes": lambda ps: _frugal_bytes(ps) + sum(
                      4 * round(0.5 * min(p.shape[0], p.numel() // p.shape[0])) * min(p.shape[0], p.numel() // p.shape[0])
                      for p in ps if p.dim() >= 2)}),

@@ -162,11 +162,12 @@ class FRUGAL(PerTensorOptimizer):
     def _adam(g: torch.Tensor, state: dict[str, Any], group: dict[str, Any], step: int) -> torch.Tensor:
         """AdamW's step direction (times lr) on ``g``; updates ``exp_avg``/``exp_avg_sq`` in place."""
         lr, (beta1, beta2), eps = as_float(group["lr"]), group["betas"], group["eps"]
-        m = state["exp_avg"].to(g.dtype).lerp_(g, 1 - beta1)
+        m = state["exp_avg"].to(g.dtype).lerp_(g, 1 - beta1)  # in place on the state when dtypes agree
         v = state["exp_avg_sq"].to(g.dtype).mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        state["exp_avg"].copy_(m)
-        state["exp_avg_sq"].copy_(v)
-        denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+        if m is not state["exp_avg"]:  # 16-bit state: stored rounded
+            state["exp_avg"].copy_(m)
+            state["exp_avg_sq"].copy_(v)
+        denom = v.sqrt().div_((1 - beta2**step) ** 0.5).add_(eps)
         return m.div(denom).mul_(lr / (1 - beta1**step))
 
     def _update(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
@@ -175,9 +176,12 @@ class FRUGAL(PerTensorOptimizer):
         g = p.grad.to(compute)
         if group["maximize"]:
             g = -g
-        theta = p.detach().to(compute) * (1 - lr * wd)
+
+        def theta() -> torch.Tensor:  # the decayed parameter in the compute dtype (a new tensor)
+            return p.detach().to(compute) * (1 - lr * wd)
+
         if p.dim() < 2:  # not projected: AdamW
-            p.copy_(theta - self._adam(g, state, group, state["step"]))
+            p.copy_(theta() - self._adam(g, state, group, state["step"]))
             return
 
         G = g.reshape(p.shape[0], -1)
@@ -199,7 +203,26 @@ class FRUGAL(PerTensorOptimizer):
             dim = 1 if right else 0
             idx = self._selection(state, group, n, r, p.device)
             low = G.index_select(dim, idx)
+            if self._mode(group) != "reference" and compute == p.dtype and p.is_contiguous():
+                self._coordinate_step(p.view(G.shape), G, low, idx, dim, free_lr, lr * wd, state, group)
+                return
             free = G.index_fill(dim, idx, 0.0)
             full = torch.zeros_like(G).index_copy_(dim, idx, self._adam(low, state, group, state["adam_step"]))
         step = full + free_lr * (free.sign() if group["complement"] == "sign" else free)
-        p.copy_(theta - step.view(p.shape))
+        p.copy_(theta() - step.view(p.shape))
+
+    def _coordinate_step(self, P: torch.Tensor, G: torch.Tensor, low: torch.Tensor, idx: torch.Tensor, dim: int,
+                         free_lr: float, decay: float, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """The coordinate-projector step in place on the parameter's 2-D view ``P`` (float32/float64
+        parameters, default and fused paths): every entry takes the complement step, then the
+        selected columns (rows) are overwritten with their Adam step from the decayed values kept
+        aside.  The same values as the reference (``θ − (Adam + 0)`` and ``θ − (0 + lr_c·s)``),
+        with three full-size passes instead of about ten and one temporary instead of five."""
+        if decay:
+            P.mul_(1 - decay)
+        kept = P.index_select(dim, idx)
+        if group["complement"] == "sign":
+            P.sub_(torch.sign(G), alpha=free_lr)  # free_lr * (±1 or 0) is exact
+        else:
+            P.sub_(G * free_lr)  # rounded as the reference rounds it (no fused multiply-add)
+        P.index_copy_(dim, idx, kept.sub_(self._adam(low, state, group, state["adam_step"])))
