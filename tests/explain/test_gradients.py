@@ -609,6 +609,36 @@ def test_folded_channels_last_sweeps_equal_the_reference_path(monkeypatch):
             assert u.is_contiguous()
 
 
+class ViewNet(nn.Module):
+    """A classic CNN head: ``.view`` on the conv activations, which needs them contiguous."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Linear(3 * 3 * 3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.head(h.view(h.size(0), -1))
+
+
+def test_a_model_that_needs_contiguous_activations_keeps_them(monkeypatch):
+    """The channels-last probe fails on ``.view`` and the sweep stays contiguous (BatchNorm is
+    still folded); the attributions equal the plain path's, above and below the row threshold."""
+    common = E._common
+    torch.manual_seed(7)
+    model, x = ViewNet().to(DTYPE).eval(), randn(6, 2, 5, 5)
+    with torch.no_grad():
+        model.bn.running_var.uniform_(0.5, 2)
+    chosen = []
+    fast_path = common.fast_path
+    monkeypatch.setattr(common, "fast_path", lambda *a: chosen.append(fast_path(*a)) or chosen[-1])
+    big = E.integrated_gradients(model, x, 1, steps=50)  # 300 rows: the fast paths are tried
+    assert chosen and all(layout == torch.contiguous_format for _, layout in chosen)
+    assert any(isinstance(m, torch.fx.GraphModule) for m, _ in chosen)
+    monkeypatch.setattr(common, "FOLD_MIN_ROWS", 10**9)
+    torch.testing.assert_close(big, E.integrated_gradients(model, x, 1, steps=50), rtol=1e-10, atol=1e-12)
+
+
 def test_double_backprop_keeps_the_parameters_of_a_batch_norm_model(monkeypatch):
     """With ``create_graph`` nothing is folded, so the prior's gradient reaches the model's own
     parameters, including the BatchNorm affine ones."""

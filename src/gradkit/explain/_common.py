@@ -51,7 +51,9 @@ Every attribution function has the form ``f(model, inputs, target, **options)``:
 **Fast paths.**  A sweep of at least :data:`FOLD_MIN_ROWS` rows computes through a copy of the
 model with each eval-mode BatchNorm folded into the convolution before it
 (:func:`fold_batch_norm`; never when the attributions keep a graph to the parameters), and 4-D
-points go to a convolutional model on the CPU in the channels-last layout (:func:`model_layout`).
+points go to a convolutional model on the CPU in the channels-last layout (:func:`model_layout`)
+if one row in that layout runs through it without an error (:func:`fast_path`; the probe is one
+extra forward call, seen by forward hooks).
 Both compute the same function (equal to rounding; tested equal to the plain path in float64);
 models that ``torch.fx`` cannot trace, hooked layers and global module hooks are used as given.
 Like any ``torch.fx`` trace, the folded copy runs the Python of ``forward`` once, at trace time:
@@ -365,8 +367,8 @@ _rows = row_chunks  # the first name, used by sibling modules
 
 
 #: fewest rows (points) a :func:`sweep` or :func:`forward_values` must send through the model
-#: before :func:`fold_batch_norm` is tried: tracing the model costs about as much as a few forward
-#: rows of a small ResNet, folding saves about a third of each row's forward and backward
+#: before its fast paths are tried (:func:`fast_path`): tracing the model costs about as much as a
+#: few forward rows of a small ResNet, folding saves about a third of each row's forward and backward
 FOLD_MIN_ROWS = 256
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -417,11 +419,27 @@ def fold_batch_norm(model: Any) -> Any:
     return traced
 
 
-def fast_model(model: Any, rows: int, create_graph: bool) -> Any:
-    """The model :func:`sweep` and :func:`forward_values` call for ``rows`` points:
-    :func:`fold_batch_norm` of it when there are at least :data:`FOLD_MIN_ROWS` rows and no
-    gradient with respect to its parameters can be wanted (``create_graph=False``), else itself."""
-    return fold_batch_norm(model) if not create_graph and rows >= FOLD_MIN_ROWS else model
+def fast_path(model: Any, points: Tensor, rows: int, create_graph: bool) -> tuple[Any, torch.memory_format]:
+    """The model and the memory format :func:`sweep` and :func:`forward_values` use for ``rows``
+    points like ``points``: with at least :data:`FOLD_MIN_ROWS` rows and no graph to the
+    parameters wanted (``create_graph=False``), :func:`fold_batch_norm` of ``model`` and
+    :func:`model_layout`; otherwise ``model`` itself and the contiguous layout.
+
+    Channels-last is only used when one row in that layout goes through the model without an
+    error (a probe without gradients): a ``forward`` that calls ``.view`` on conv activations
+    needs them contiguous, and then gets them so.
+    """
+    if create_graph or rows < FOLD_MIN_ROWS:
+        return model, torch.contiguous_format
+    model = fold_batch_norm(model)
+    layout = model_layout(model, points)
+    if layout == torch.channels_last:
+        try:
+            with torch.no_grad():
+                model(points[:1].clone(memory_format=layout))
+        except Exception:  # the model needs contiguous activations (e.g. ``x.view(n, -1)``)
+            layout = torch.contiguous_format
+    return model, layout
 
 
 def model_layout(model: Any, points: Tensor) -> torch.memory_format:
@@ -477,7 +495,6 @@ def sweep(
     if weights is not None and weights.ndim == 1:
         weights = weights.unsqueeze(1).expand(n_steps, batch)
     n_chunks = -(-n_steps * batch // batch_size)
-    model = fast_model(model, n_steps * batch, create_graph)
     bar = tqdm(total=n_chunks, desc=desc, disable=not progress, leave=False)
     layout = None
     try:
@@ -491,7 +508,8 @@ def sweep(
                     z = points(step, example)
                 z = z.detach().requires_grad_(True)
             step, example = step.to(z.device), example.to(z.device)
-            layout = model_layout(model, z) if layout is None else layout
+            if layout is None:
+                model, layout = fast_path(model, z.detach(), n_steps * batch, create_graph)
             with torch.enable_grad():
                 # the model gets a copy: an in-place first op (ReLU(inplace=True)) must not modify z
                 value = select(model(z.clone(memory_format=layout)), target, example)
@@ -602,11 +620,11 @@ def forward_values(
     """``f_target`` at the points of :func:`sweep` (forward passes only), shape ``(n_steps,
     batch)``; without a graph unless ``create_graph``."""
     out, layout = [], None
-    model = fast_model(model, n_steps * batch, create_graph)
     with torch.set_grad_enabled(create_graph):
         for step, example in row_chunks(n_steps, batch, batch_size):
             z = points(step, example)
-            layout = model_layout(model, z) if layout is None else layout
+            if layout is None:
+                model, layout = fast_path(model, z.detach(), n_steps * batch, create_graph)
             z = z.contiguous(memory_format=layout)
             out.append(select(model(z), target, example.to(z.device)))
     return torch.cat(out).reshape(n_steps, batch)
