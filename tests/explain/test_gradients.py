@@ -574,6 +574,10 @@ def test_fold_batch_norm_refuses_what_it_cannot_fold():
         assert fold(model) is model  # global hooks see every module: keep them all
     finally:
         handle.remove()
+    for inlined in (model, model.stem):  # the trace would inline these and drop their hooks
+        handle = inlined.register_forward_hook(lambda module, args, out: out * 2)
+        assert fold(model) is model
+        handle.remove()
 
 
 def test_folded_channels_last_sweeps_equal_the_reference_path(monkeypatch):

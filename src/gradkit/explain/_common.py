@@ -382,9 +382,10 @@ def fold_batch_norm(model: Any) -> Any:
     (``torch.nn.utils.fusion.fuse_conv_bn_eval``): the same function, one elementwise pass fewer
     in the forward and in the backward.  A pair is folded only when the convolution (``Conv1d/2d/3d``,
     exact types) is in eval mode, its output feeds nothing but the BatchNorm, the BatchNorm is in
-    eval mode with running statistics, and neither has hooks; with global module hooks, a model
-    that is not an ``nn.Module`` or one ``torch.fx`` cannot trace (data-dependent control flow)
-    nothing is folded.  The copy shares every other submodule and parameter with ``model``, and
+    eval mode with running statistics, and neither has hooks; with global module hooks, hooks on
+    the model or on any module the trace inlines (containers, custom modules), a model that is not
+    an ``nn.Module`` or one ``torch.fx`` cannot trace (data-dependent control flow) nothing is
+    folded.  The copy shares every other submodule and parameter with ``model``, and
     ``model`` is not modified.  Its folded weights are new tensors: use it only where no gradient
     with respect to the parameters is wanted.
     """
@@ -392,6 +393,11 @@ def fold_batch_norm(model: Any) -> Any:
         return model
     modules = list(model.modules())
     if not (any(type(m) in _CONVS for m in modules) and any(type(m) in _BATCH_NORM and _is_affine(m) for m in modules)):
+        return model
+    # the trace inlines every module that is not a leaf (the model itself, containers, custom
+    # modules) and would drop its hooks; hooks on leaf layers survive (the copy calls those layers)
+    tracer = torch.fx.Tracer()
+    if any(_hooked(m) and not tracer.is_leaf_module(m, name) for name, m in model.named_modules()):
         return model
     try:
         traced = torch.fx.symbolic_trace(model)
