@@ -155,6 +155,32 @@ def test_optimistic_amsgrad_history_is_updated_incrementally(monkeypatch):
         assert torch.equal(x, y)
 
 
+def test_optimistic_amsgrad_loads_state_saved_with_raw_gradients():
+    """A state_dict from before the history became differences (raw gradients in slots
+    ``(step - 1) mod span``) loads and continues exactly like the run that saved it."""
+    span, grads = 4, grad_stream((30,), 12, seed=6)
+    x = x_init().requires_grad_()
+    opt = OptimisticAMSGrad([x], span=span, lr=1e-2)
+    for g in grads[:7]:
+        x.grad = g.clone()
+        opt.step()
+    old = copy.deepcopy(opt.state_dict())
+    st = old["state"][0]
+    for k in ["last_grad"] + [f"diff_{k}" for k in range(span - 1)]:
+        del st[k]
+    for t in range(4, 8):  # steps 4..7 are the last four
+        st[f"grad_{(t - 1) % span}"] = grads[t - 1].clone()
+    y = x.detach().clone().requires_grad_()
+    twin = OptimisticAMSGrad([y], span=span, lr=1e-2)
+    twin.load_state_dict(old)
+    assert "grad_0" not in twin.state[y]
+    for g in grads[7:]:
+        x.grad, y.grad = g.clone(), g.clone()
+        opt.step()
+        twin.step()
+        assert torch.equal(x, y)
+
+
 def test_beta1_zero_and_zero_prediction_is_amsgrad_on_a_real_loss():
     """The documented limit: beta1 = 0 and m = 0 make w_{t+1} = w_{t+1/2}, i.e. AMSGrad(beta1 = 0)."""
     d = torch.logspace(0, 2, 10, dtype=DT)

@@ -178,6 +178,23 @@ class OptimisticAMSGrad(Optimizer):
         super()._init_state(p, state, group)
         state["half_param"] = p.detach().clone(memory_format=torch.preserve_format)  # w_{-1/2} = w_1
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`torch.optim.Optimizer.load_state_dict`; state saved before the history became
+        differences (a ring ``grad_0 .. grad_{span-1}`` of raw gradients) is converted: the last
+        gradient and the successive differences of the stored ones, in their ring slots."""
+        super().load_state_dict(state_dict)
+        ring = self.span - 1
+        for st in self.state.values():
+            if "grad_0" not in st:
+                continue
+            raw = [st.pop(f"grad_{k}") for k in range(self.span)]
+            step = st["step"]
+            st["last_grad"] = raw[(step - 1) % self.span].clone()
+            for k in range(ring):
+                st[f"diff_{k}"] = torch.zeros_like(raw[0])
+            for s in range(max(2, step - self.span + 2), step + 1):  # the differences still in the window
+                st[f"diff_{(s - 2) % ring}"] = raw[(s - 1) % self.span] - raw[(s - 2) % self.span]
+
     def _mode(self, group: dict[str, Any]) -> str:
         return "reference" if self.predictor is not None else super()._mode(group)
 
