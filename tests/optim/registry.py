@@ -155,9 +155,9 @@ from gradkit.optim.frugal import FRUGAL  # noqa: E402
 from gradkit.optim.microadam import MicroAdam  # noqa: E402
 
 # The three optimizers below keep state that is not shaped like the parameters (compressed
-# windows, subspace moments, per-subset norms).  MicroAdam and AdamWSN batch small tensors on
-# their default and fused paths, FRUGAL's coordinate projectors step in place there; FRUGAL's SVD
-# projector has a single implementation.  ``extra`` says
+# windows, subspace moments, per-subset norms).  MicroAdam, AdamWSN and FRUGAL batch small
+# tensors on their default and fused paths (FRUGAL's coordinate projectors also step in place
+# there); FRUGAL's SVD projector has a single implementation.  ``extra`` says
 # what the suite should expect instead of its defaults, in closed form (test_conformance.py has to
 # read these keys: until it does, test_state_memory and test_bfloat16_parameters fail for them):
 #   "state_bytes":  params -> optimizer-state bytes after a step (instead of 4 * numel * len(state_names));

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ._base import (PerTensorOptimizer, as_float, check_adam_group, check_choice, check_int, check_range,
+from ._base import (PACK_NUMEL, PerTensorOptimizer, as_float, check_adam_group, check_choice, check_int, check_range,
                     opmath_dtype)
 
 __all__ = ["FRUGAL", "PROJECTORS"]
@@ -170,46 +170,95 @@ class FRUGAL(PerTensorOptimizer):
         denom = v.sqrt().div_((1 - beta2**step) ** 0.5).add_(eps)
         return m.div(denom).mul_(lr / (1 - beta1**step))
 
+    def _step_group(self, group: dict[str, Any]) -> None:
+        """``foreach=False`` (the reference) updates one tensor at a time.  The default and fused
+        paths update the small float32/float64 tensors of one shape and step count together, as
+        one stacked batch (:meth:`_update_batch`): vectors (AdamW) and, with the ``"blocks"``
+        projector, matrices (whose selected columns are then the same for the whole batch)."""
+        if self._mode(group) == "reference":
+            return super()._step_group(group)
+        buckets: dict[Any, list[torch.Tensor]] = {}
+        for p in self._prepare(group):
+            batchable = (p.numel() <= PACK_NUMEL and opmath_dtype(p.dtype) == p.dtype and p.is_contiguous()
+                         and (p.dim() < 2 or group["projector"] == "blocks"))
+            key = (tuple(p.shape), p.dtype, p.device, self.state[p]["step"]) if batchable else id(p)
+            buckets.setdefault(key, []).append(p)
+        for members in buckets.values():
+            self._update_batch(members, [self.state[p] for p in members], group)
+
     def _update(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        self._update_batch([p], [state], group)
+
+    def _update_batch(self, params: list[torch.Tensor], states: list[dict[str, Any]], group: dict[str, Any]) -> None:
+        """One step of ``B`` tensors of one shape and step count, computed on ``(B, ...)`` stacks
+        (``B > 1``: copies, written back at the end; ``B = 1``: the tensor and its state themselves,
+        without a batch dimension, which some index kernels handle more slowly)."""
         lr, wd = as_float(group["lr"]), group["weight_decay"]
-        compute = opmath_dtype(p.dtype)
-        g = p.grad.to(compute)
+        p0, B, state = params[0], len(params), states[0]
+        compute = opmath_dtype(p0.dtype)
+
+        def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return tensors[0] if B == 1 else torch.stack(tensors)
+
+        g = stack([p.grad for p in params]).to(compute)
         if group["maximize"]:
             g = -g
+        X = stack([p.detach() for p in params])  # (B, *shape), or the parameter itself for B = 1
+        lead = (B,) if B > 1 else ()
 
-        def theta() -> torch.Tensor:  # the decayed parameter in the compute dtype (a new tensor)
-            return p.detach().to(compute) * (1 - lr * wd)
+        def theta() -> torch.Tensor:  # the decayed parameters in the compute dtype (a new tensor)
+            return X.to(compute) * (1 - lr * wd)
 
-        if p.dim() < 2:  # not projected: AdamW
-            p.copy_(theta() - self._adam(g, state, group, state["step"]))
+        def finish(new: torch.Tensor | None, moments: dict[str, Any]) -> None:
+            """Store the new parameters (``None``: already in ``X``) and, for ``B > 1``, ``X`` and the moments."""
+            if new is not None:
+                X.copy_(new)
+            if B > 1:
+                torch._foreach_copy_(params, list(X.unbind(0)))
+                for name in ("exp_avg", "exp_avg_sq"):
+                    torch._foreach_copy_([st[name] for st in states], list(moments[name].unbind(0)))
+
+        if p0.dim() < 2:  # not projected: AdamW
+            moments = self._moments(states, stack, state["step"])
+            finish(theta() - self._adam(g, moments, group, state["step"]), moments)
             return
 
-        G = g.reshape(p.shape[0], -1)
+        G = g.reshape(*lead, p0.shape[0], -1)
         if (state["step"] - 1) % group["update_gap"] == 0:
-            self._refresh(p, G, state, group)
-        state["adam_step"] += 1
-        right, n, r = self._side(p, group["density"])
+            for p, st, Gb in zip(params, states, G if B > 1 else [G]):
+                self._refresh(p, Gb, st, group)
+        for st in states:
+            st["adam_step"] += 1
+        right, n, r = self._side(p0, group["density"])
         if state["exp_avg"].shape[1 if right else 0] != r:
             raise ValueError(f"{type(self).__name__}: density changed to {group['density']} within an update "
                              f"period (state rank {state['exp_avg'].shape}); change it at a refresh step")
         free_lr = lr * group["complement_lr_scale"]
-        if group["projector"] == "svd":
+        moments = self._moments(states, stack, state["adam_step"])
+        if group["projector"] == "svd":  # (B = 1)
             P = state["projector"].to(compute)  # (r, n), orthonormal rows
             low = G @ P.T if right else P @ G
-            back = self._adam(low, state, group, state["adam_step"])
+            back = self._adam(low, moments, group, moments["adam_step"])
             full = back @ P if right else P.T @ back
             free = G - (low @ P if right else P.T @ low)
-        else:
-            dim = 1 if right else 0
-            idx = self._selection(state, group, n, r, p.device)
+        else:  # one selection for the batch: "blocks" depends on the refresh count alone (B = 1 for "random")
+            dim = (1 if right else 0) + len(lead)
+            idx = self._selection(state, group, n, r, p0.device)
             low = G.index_select(dim, idx)
-            if self._mode(group) != "reference" and compute == p.dtype and p.is_contiguous():
-                self._coordinate_step(p.view(G.shape), G, low, idx, dim, free_lr, lr * wd, state, group)
+            if self._mode(group) != "reference" and compute == p0.dtype and p0.is_contiguous():
+                self._coordinate_step(X.view(G.shape), G, low, idx, dim, free_lr, lr * wd, moments, group)
+                finish(None, moments)
                 return
             free = G.index_fill(dim, idx, 0.0)
-            full = torch.zeros_like(G).index_copy_(dim, idx, self._adam(low, state, group, state["adam_step"]))
+            full = torch.zeros_like(G).index_copy_(dim, idx, self._adam(low, moments, group, moments["adam_step"]))
         step = full + free_lr * (free.sign() if group["complement"] == "sign" else free)
-        p.copy_(theta() - step.view(p.shape))
+        finish(theta() - step.view(X.shape), moments)
+
+    @staticmethod
+    def _moments(states: list[dict[str, Any]], stack: Any, step: int) -> dict[str, Any]:
+        """The stacked Adam moments of a batch (the state tensors themselves for ``B = 1``) and the Adam step count."""
+        return {"exp_avg": stack([st["exp_avg"] for st in states]),
+                "exp_avg_sq": stack([st["exp_avg_sq"] for st in states]), "adam_step": step}
 
     def _coordinate_step(self, P: torch.Tensor, G: torch.Tensor, low: torch.Tensor, idx: torch.Tensor, dim: int,
                          free_lr: float, decay: float, state: dict[str, Any], group: dict[str, Any]) -> None:
