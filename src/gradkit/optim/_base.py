@@ -57,7 +57,6 @@ PACK_NUMEL = 1 << 15
 CHUNK_NUMEL = 1 << 16
 
 Kernel = Callable[..., None]
-_IS_SPARSE = operator.attrgetter("is_sparse")
 _DTYPE = operator.attrgetter("dtype")
 _DEVICE = operator.attrgetter("device")
 
@@ -417,16 +416,21 @@ class Optimizer(torch.optim.Optimizer):
             return "reference"
         return "foreach"
 
-    def _step_group(self, group: dict[str, Any]) -> None:
+    def _with_grads(self, group: dict[str, Any]) -> list[torch.Tensor]:
+        """The parameters of ``group`` that have a gradient; :class:`SparseGradientError` if one is sparse."""
         params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        grads = [p.grad for p in params]
-        if any(map(_IS_SPARSE, grads)):
+        if any(p.grad.is_sparse for p in params):
             raise SparseGradientError(
                 f"{type(self).__name__} does not support sparse gradients; use a dense gradient "
                 "(e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam"
             )
+        return params
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        params = self._with_grads(group)
+        if not params:
+            return
+        grads = [p.grad for p in params]
         states = self._states_of(group, params)
         for p, st in zip(params, states):
             if st:
@@ -605,13 +609,8 @@ class PerTensorOptimizer(Optimizer):
         """The parameters of ``group`` with a gradient, each with its step counted, after every one
         of them has been checked (and its state created): an error (a sparse gradient, state that
         :meth:`_check_state` refuses) is raised before any parameter or step count changes."""
-        params = [p for p in group["params"] if p.grad is not None]
+        params = self._with_grads(group)
         for p in params:
-            if p.grad.is_sparse:
-                raise SparseGradientError(
-                    f"{type(self).__name__} does not support sparse gradients; use a dense gradient "
-                    "(e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam"
-                )
             state = self.state[p]
             if not state:
                 self._init_state(p, state, group)
@@ -623,4 +622,16 @@ class PerTensorOptimizer(Optimizer):
     def _step_group(self, group: dict[str, Any]) -> None:
         for p in self._prepare(group):
             self._update(p, self.state[p], group)
+
+    def _batches(self, group: dict[str, Any], batchable: Callable[[torch.Tensor], bool],
+                 size: Callable[[torch.Tensor], Any] = lambda p: tuple(p.shape)) -> list[list[torch.Tensor]]:
+        """The parameters of :meth:`_prepare`, grouped for one batched update each: off the reference
+        path, those for which ``batchable(p)`` holds by ``size(p)``, dtype, device and step count;
+        every other parameter alone."""
+        batched = self._mode(group) != "reference"
+        buckets: dict[Any, list[torch.Tensor]] = {}
+        for p in self._prepare(group):
+            key = (size(p), p.dtype, p.device, self.state[p]["step"]) if batched and batchable(p) else id(p)
+            buckets.setdefault(key, []).append(p)
+        return list(buckets.values())
 

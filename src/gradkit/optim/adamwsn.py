@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ._base import (PACK_NUMEL, PerTensorOptimizer, SparseGradientError, as_float, check_range, compiled,
+from ._base import (PACK_NUMEL, PerTensorOptimizer, as_float, check_range, compiled,
                     opmath_dtype)
 
 __all__ = ["AdamWSN", "subset_layout", "SUBSETS", "adamwsn_kernel", "adamwsn_cols_kernel"]
@@ -219,12 +219,7 @@ class AdamWSN(PerTensorOptimizer):
         :meth:`_update`."""
         if group["foreach"] is False and not group["fused"]:
             return super()._step_group(group)
-        params = [p for p in group["params"] if p.grad is not None]
-        if any(p.grad.is_sparse for p in params):
-            raise SparseGradientError(
-                f"{type(self).__name__} does not support sparse gradients; use a dense gradient "
-                "(e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam"
-            )
+        params = self._with_grads(group)
         states = self._states_of(group, params)
         subspace, layouts, sq_shapes = self._plan(group, params)
         for p, st, sq_shape in zip(params, states, sq_shapes):

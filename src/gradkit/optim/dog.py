@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ._base import PACK_NUMEL, Optimizer, SparseGradientError, as_float, check_range, opmath_dtype, run_flat
+from ._base import PACK_NUMEL, Optimizer, as_float, check_range, opmath_dtype, run_flat
 
 __all__ = ["DoG", "LDoG"]
 
@@ -122,14 +122,9 @@ class DoG(Optimizer):
 
     # -- the step ----------------------------------------------------------------------------
     def _step_group(self, group: dict[str, Any]) -> None:
-        params = [p for p in group["params"] if p.grad is not None]
+        params = self._with_grads(group)
         if not params:
             return
-        if any(p.grad.is_sparse for p in params):
-            raise SparseGradientError(
-                f"{type(self).__name__} does not support sparse gradients; use a dense gradient "
-                "(e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam"
-            )
         fast = self._mode(group) != "reference"
         new = []
         for p in params:

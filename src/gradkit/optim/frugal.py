@@ -175,15 +175,11 @@ class FRUGAL(PerTensorOptimizer):
         paths update the small float32/float64 tensors of one shape and step count together, as
         one stacked batch (:meth:`_update_batch`): vectors (AdamW) and, with the ``"blocks"``
         projector, matrices (whose selected columns are then the same for the whole batch)."""
-        if self._mode(group) == "reference":
-            return super()._step_group(group)
-        buckets: dict[Any, list[torch.Tensor]] = {}
-        for p in self._prepare(group):
-            batchable = (p.numel() <= PACK_NUMEL and opmath_dtype(p.dtype) == p.dtype and p.is_contiguous()
-                         and (p.dim() < 2 or group["projector"] == "blocks"))
-            key = (tuple(p.shape), p.dtype, p.device, self.state[p]["step"]) if batchable else id(p)
-            buckets.setdefault(key, []).append(p)
-        for members in buckets.values():
+        def batchable(p: torch.Tensor) -> bool:
+            return (p.numel() <= PACK_NUMEL and opmath_dtype(p.dtype) == p.dtype and p.is_contiguous()
+                    and (p.dim() < 2 or group["projector"] == "blocks"))
+
+        for members in self._batches(group, batchable):
             self._update_batch(members, [self.state[p] for p in members], group)
 
     def _update(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:

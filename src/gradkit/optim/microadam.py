@@ -258,13 +258,7 @@ class MicroAdam(PerTensorOptimizer):
         dtype, device and step count together, as the rows of one batch (:meth:`_update_rows`):
         the same arithmetic row by row, in a fixed number of tensor operations per batch instead
         of per tensor."""
-        batched = self._mode(group) != "reference"
-        buckets: dict[Any, list[torch.Tensor]] = {}
-        for p in self._prepare(group):
-            d = p.numel()
-            key = (d, p.dtype, p.device, self.state[p]["step"]) if batched and d <= PACK_NUMEL else id(p)
-            buckets.setdefault(key, []).append(p)
-        for members in buckets.values():
+        for members in self._batches(group, lambda p: p.numel() <= PACK_NUMEL, torch.Tensor.numel):
             self._update_rows(members, [self.state[p] for p in members], group)
 
     def _update_rows(self, params: list[torch.Tensor], states: list[dict[str, Any]], group: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ._base import Optimizer, SparseGradientError, as_float, check_adam_group, check_range
+from ._base import Optimizer, as_float, check_adam_group, check_range
 
 __all__ = ["OptimisticAMSGrad", "optimistic_amsgrad_kernel", "extrapolation_weights"]
 
@@ -237,12 +237,7 @@ class OptimisticAMSGrad(Optimizer):
         The kernel's prediction ``Σ_i c_i g_i`` over the older gradients is then
         ``last_grad − Σ_j C_j diff_j`` with ``C_j = Σ_{i≤j} c_i`` (the weights sum to one).
         """
-        params = [p for p in group["params"] if p.grad is not None]
-        if any(p.grad.is_sparse for p in params):
-            raise SparseGradientError(
-                f"{type(self).__name__} does not support sparse gradients; use a dense gradient "
-                "(e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam"
-            )
+        params = self._with_grads(group)
         ring = self.span - 1
         by_step: dict[int, list[torch.Tensor]] = {}
         for p in params:
