@@ -103,6 +103,18 @@ def _under_transform(t: Tensor) -> bool:
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
+def module_has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` itself has forward, forward-pre or backward hooks."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def global_module_hooks() -> bool:
+    """Whether module hooks registered for every module (``register_module_forward_hook`` …) exist."""
+    hooks = torch.nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks)
+
+
 _STOCHASTIC_IN_TRAIN = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.AlphaDropout)
 
 

@@ -75,8 +75,8 @@ def hvp(fn: Callable[[Params], Tensor], params: Params, v: Params, *, mode: str 
         fn: scalar function of ``params``.
         params: point of differentiation: tensor, tuple/list or dict of tensors.
         v: direction with the structure, shapes, dtypes and devices of ``params``.
-        mode: ``"fwd_rev"`` (JVP of the gradient; default) or ``"rev_rev"`` (VJP of the
-            gradient, the double-backward of PyHessian).
+        mode: ``"rev_rev"`` (VJP of the gradient, the double backward of PyHessian; the
+            default, :data:`DEFAULT_HVP_MODE`) or ``"fwd_rev"`` (JVP of the gradient).
 
     Returns:
         ``H v`` with the structure of ``v``.

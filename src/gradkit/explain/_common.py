@@ -80,6 +80,8 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from tqdm.auto import tqdm
 
+from gradkit.core.functional import global_module_hooks, module_has_hooks
+
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "Target",
@@ -389,7 +391,7 @@ def fold_batch_norm(model: Any) -> Any:
     ``model`` is not modified.  Its folded weights are new tensors: use it only where no gradient
     with respect to the parameters is wanted.
     """
-    if not isinstance(model, nn.Module) or _global_hooks():
+    if not isinstance(model, nn.Module) or global_module_hooks():
         return model
     modules = list(model.modules())
     if not (any(type(m) in _CONVS for m in modules) and any(type(m) in _BATCH_NORM and _is_affine(m) for m in modules)):
@@ -397,7 +399,7 @@ def fold_batch_norm(model: Any) -> Any:
     # the trace inlines every module that is not a leaf (the model itself, containers, custom
     # modules) and would drop its hooks; hooks on leaf layers survive (the copy calls those layers)
     tracer = torch.fx.Tracer()
-    if any(_hooked(m) and not tracer.is_leaf_module(m, name) for name, m in model.named_modules()):
+    if any(module_has_hooks(m) and not tracer.is_leaf_module(m, name) for name, m in model.named_modules()):
         return model
     try:
         traced = torch.fx.symbolic_trace(model)
@@ -411,7 +413,7 @@ def fold_batch_norm(model: Any) -> Any:
             continue
         prev = node.args[0]
         conv = named.get(prev.target) if isinstance(prev, torch.fx.Node) and prev.op == "call_module" else None
-        if type(conv) not in _CONVS or conv.training or _hooked(conv) or len(prev.users) != 1:
+        if type(conv) not in _CONVS or conv.training or module_has_hooks(conv) or len(prev.users) != 1:
             continue
         parent, _, name = prev.target.rpartition(".")
         setattr(traced.get_submodule(parent), name, fuse_conv_bn_eval(conv, norm))
@@ -538,20 +540,9 @@ _BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 
 
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
-
-
-def _global_hooks() -> bool:
-    """Whether module hooks registered for every module (``register_module_forward_hook`` …) exist."""
-    hooks = torch.nn.modules.module
-    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks)
-
-
 def _is_affine(module: nn.Module) -> bool:
     kind = type(module)  # exact types: a subclass (LoRA, parametrised weights) may not be affine
-    if _hooked(module):
+    if module_has_hooks(module):
         return False
     if kind in _DROPOUT:
         return not module.training
@@ -573,7 +564,7 @@ def affine_prefix(model: Any) -> tuple[nn.Module, nn.Module] | None:
     batches instead of ``steps``.  On a model whose first layer dominates the cost (a wide input
     layer) this is most of the work.
     """
-    if not isinstance(model, nn.Sequential) or _hooked(model) or _global_hooks():
+    if not isinstance(model, nn.Sequential) or module_has_hooks(model) or global_module_hooks():
         return None
     layers = list(model)
     k = 0
