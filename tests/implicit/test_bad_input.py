@@ -114,6 +114,8 @@ def test_bad_options_and_arguments():
         custom_root(OPT, on_failure="panic")
     with pytest.raises(TypeError, match="optimality_fn must be callable"):
         custom_root(None)
+    with pytest.raises(TypeError, match=r"M \(preconditioner\) must be a callable"):
+        custom_root(OPT, M=torch.ones(3))
     with pytest.raises(ValueError, match=r"keyword argument 'lam' is a tensor that requires grad"):
         custom_root(OPT)(lambda init, *, lam: ridge_closed_form(lam))(None, lam=torch.tensor(1.0, dtype=F64, requires_grad=True))
     # a singular system with solve="dense" names the fix

@@ -84,3 +84,20 @@ def test_fixed_solvers_under_vmap_equal_the_loop():
         lambda b: fixed_neumann(lambda v: A @ v, b, steps=10, scale=0.05),
     ):
         torch.testing.assert_close(torch.vmap(solve)(B), torch.stack([solve(b) for b in B]), rtol=0, atol=1e-12)
+
+
+def test_preconditioned_fixed_cg_equals_linalg_cg():
+    """With M, fixed_cg runs linalg.cg's preconditioned recurrences: the same iterates when both
+    stop early, and an exact inverse converges in one step."""
+    g = torch.Generator().manual_seed(5)
+    A = _matrix(6, symmetric=True) * torch.logspace(0, 2, N, dtype=F64).sqrt()
+    A = (A + A.T) / 2 + 50 * torch.eye(N, dtype=F64)  # badly scaled, diagonally dominant
+    diag = torch.diagonal(A)
+    b = torch.randn(N, generator=g, dtype=F64)
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        ref = cg(A, b, rtol=0, maxiter=3, M=lambda R: R / diag[:, None]).x
+    ours = fixed_cg(lambda v: A @ v, b, maxiter=3, M=lambda r: r / diag)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    assert not torch.allclose(ours, fixed_cg(lambda v: A @ v, b, maxiter=3), rtol=0, atol=1e-6)
+    exact = fixed_cg(lambda v: A @ v, b, maxiter=1, M=lambda r: torch.linalg.solve(A, r))
+    torch.testing.assert_close(exact, torch.linalg.solve(A, b), rtol=0, atol=1e-12)

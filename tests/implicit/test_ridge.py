@@ -341,3 +341,35 @@ def test_solver_graph_is_detached():
     v = torch.ones(D, dtype=F64)
     (vJ,) = torch.autograd.grad(w, lam, v)
     torch.testing.assert_close(vJ, v @ ridge_jacobian(lam.detach()), rtol=0, atol=1e-10)
+
+
+
+def test_jacobi_preconditioner_cuts_cg_iterations_and_keeps_the_derivative():
+    """``M=`` with features of orthogonal, badly scaled columns: the Hessian is diagonal, so
+    Jacobi-preconditioned CG is exact after one step (plain CG needs one per distinct eigenvalue);
+    the derivative is the closed form, plain and under vmap (where fixed_cg runs)."""
+    Q = torch.linalg.qr(X)[0]
+    Xs = Q * torch.logspace(0, -2, D, dtype=F64)
+
+    def objective(w, lam):
+        return 0.5 * ((Xs @ w - Y) ** 2).sum() + 0.5 * (lam * w**2).sum()
+
+    def solver(init, lam):
+        return torch.linalg.solve(Xs.T @ Xs + torch.diag(lam.detach()), Xs.T @ Y)
+
+    lam = torch.full((D,), 1e-3, dtype=F64)
+    H = Xs.T @ Xs + torch.diag(lam)
+    expected = -torch.linalg.solve(H, torch.diag(solver(None, lam)))
+    diag = torch.diagonal(H)
+    options = {"solve": "cg", "rtol": 1e-12, "maxiter": 1, "symmetric": True, "on_failure": "raise"}
+    root = custom_root(grad_optimality(objective), M=lambda r: r / diag, **options)(solver)
+    U = torch.randn(3, D, generator=torch.Generator().manual_seed(3), dtype=F64)  # not eigenvectors of H
+    lam_ = lam.clone().requires_grad_()
+    w = root(None, lam_)
+    rows = [torch.autograd.grad(u @ w, lam_, retain_graph=True)[0] for u in U]
+    torch.testing.assert_close(torch.stack(rows), U @ expected, rtol=1e-10, atol=1e-12)
+    pullback = torch.func.vjp(lambda l: root(None, l), lam)[1]
+    torch.testing.assert_close(torch.func.vmap(pullback)(U)[0], U @ expected, rtol=1e-10, atol=1e-12)
+    plain = custom_root(grad_optimality(objective), **options)(solver)
+    with pytest.raises(RuntimeError, match="did not converge"):
+        (U[0] @ plain(None, lam.clone().requires_grad_())).backward()

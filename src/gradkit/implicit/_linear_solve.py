@@ -47,10 +47,10 @@ Matvec = Callable[[Tensor], Tensor]
 SOLVERS = ("cg", "normal_cg", "gmres", "neumann", "dense")
 _ON_FAILURE = ("warn", "raise", "ignore")
 # option names (each solver reads its own: rtol/atol/maxiter for the Krylov solvers, restart for
-# gmres, steps/scale/rtol for neumann; the others for every solver).  Options of another solver
+# gmres, steps/scale/rtol for neumann, M for cg; the others for every solver).  Options of another solver
 # are accepted and ignored, so that switching ``solve=`` needs no other edit; unknown names are refused.
 _OPTIONS = {"ridge", "on_failure", "symmetric", "check_optimality", "rtol", "atol", "maxiter", "restart",
-            "steps", "scale"}
+            "steps", "scale", "M"}
 
 
 def vmap_active() -> bool:
@@ -83,6 +83,7 @@ class SolveOptions:
     symmetric: bool | None = None
     on_failure: str = "warn"
     check_optimality: bool | float = True
+    M: Matvec | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -145,6 +146,10 @@ def parse_solve_options(solve: Any, options: Mapping[str, Any], where: str) -> S
     if not isinstance(check, bool):
         check = _real(where, "check_optimality", check, positive=True)
     kw["check_optimality"] = check
+    M = options.get("M")
+    if M is not None and not callable(M):
+        raise TypeError(f"{where}: M (preconditioner) must be a callable on flat (n,) vectors, got {type(M).__name__}")
+    kw["M"] = M
     if not isinstance(solve, str):
         kw["extra"] = {k: v for k, v in options.items() if k not in _OPTIONS}
     return SolveOptions(**kw)
@@ -163,7 +168,8 @@ def _safe_div(num: Tensor, den: Tensor, ok: Tensor) -> Tensor:
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def fixed_cg(matvec: Matvec, b: Tensor, *, maxiter: int, rtol: float = 0.0, atol: float = 0.0) -> Tensor:
+def fixed_cg(matvec: Matvec, b: Tensor, *, maxiter: int, rtol: float = 0.0, atol: float = 0.0,
+             M: Matvec | None = None) -> Tensor:
     """Conjugate gradient run for exactly ``maxiter`` iterations, from ``x_0 = 0``.
 
     Hestenes & Stiefel (1952), "Methods of conjugate gradients for solving linear systems",
@@ -173,26 +179,31 @@ def fixed_cg(matvec: Matvec, b: Tensor, *, maxiter: int, rtol: float = 0.0, atol
         alpha_i = r_iᵀr_i / p_iᵀA p_i,  x_{i+1} = x_i + alpha_i p_i,  r_{i+1} = r_i - alpha_i A p_i,
         beta_i = r_{i+1}ᵀr_{i+1} / r_iᵀr_i,  p_{i+1} = r_{i+1} + beta_i p_i
 
-    with ``matvec = A`` (symmetric) and ``b`` of shape ``(n,)``.  Once
+    with ``matvec = A`` (symmetric) and ``b`` of shape ``(n,)``; with a preconditioner ``M``
+    (symmetric positive definite, ``≈ A⁻¹``) those of :func:`gradkit.linalg.cg`: ``z_i = M r_i``,
+    ``rᵀr`` replaced by ``rᵀz`` and ``p_{i+1} = z_{i+1} + beta_i p_i``.  Once
     ``||r_i|| <= max(rtol ||b||, atol)`` the iterate is frozen (``alpha = beta = 0`` through
     ``torch.where``) instead of leaving the loop, so there is no Python control flow on values.
     ``p_iᵀ A p_i = 0`` (e.g. ``b = 0``) also freezes it.  Keeps no state between calls.
     """
+    precondition = M if M is not None else (lambda v: v)
     x = torch.zeros_like(b)
-    r = p = b
-    rr = _dot(r, r)
+    r = b
+    p = z = precondition(r)
+    rz = _dot(r, z)
     tol_sq = torch.clamp(rtol * torch.linalg.vector_norm(b), min=atol) ** 2
     for _ in range(maxiter):
-        active = rr > tol_sq
+        active = _dot(r, r) > tol_sq
         q = matvec(p)
         pq = _dot(p, q)
-        alpha = _safe_div(rr, pq, active & (pq != 0))
+        alpha = _safe_div(rz, pq, active & (pq != 0))
         x = x + alpha * p
         r = r - alpha * q
-        rr_new = _dot(r, r)
-        beta = _safe_div(rr_new, rr, active & (rr != 0))
-        p = r + beta * p
-        rr = rr_new
+        z = precondition(r)
+        rz_new = _dot(r, z)
+        beta = _safe_div(rz_new, rz, active & (rz != 0))
+        p = z + beta * p
+        rz = rz_new
     return x
 
 
@@ -327,7 +338,7 @@ def linear_solve(system: LinearSystem, b: Tensor, opts: SolveOptions, *, fixed: 
             raise ValueError(f"solve='dense': {system.what} is singular ({err}); add ridge= to regularise it") from err
     if fixed:
         if method == "cg":
-            return fixed_cg(matvec, b, maxiter=opts.maxiter or n, rtol=rtol, atol=opts.atol)
+            return fixed_cg(matvec, b, maxiter=opts.maxiter or n, rtol=rtol, atol=opts.atol, M=opts.M)
         if method == "normal_cg":
             return fixed_normal_cg(matvec, rmatvec, b, maxiter=opts.maxiter or n, rtol=rtol, atol=opts.atol)
         if method == "gmres":
@@ -344,7 +355,8 @@ def linear_solve(system: LinearSystem, b: Tensor, opts: SolveOptions, *, fixed: 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if method == "cg":
-            result = cg(op, b, rtol=rtol, atol=opts.atol, maxiter=opts.maxiter)
+            M = None if opts.M is None else (lambda R: torch.stack([opts.M(r) for r in R.unbind(1)], 1))
+            result = cg(op, b, M=M, rtol=rtol, atol=opts.atol, maxiter=opts.maxiter)
         elif method == "normal_cg":
             result = normal_cg(op, b, rtol=rtol, atol=opts.atol, maxiter=opts.maxiter)
         elif method == "gmres":

@@ -475,8 +475,11 @@ def custom_root(
             ``"raise"`` or ``"ignore"`` a linear solve that missed ``rtol`` or a solver output
             failing ``check_optimality``), ``check_optimality``
             (``True``: warn when ``||F(x*, θ)|| > tol · max(1, ||x*||)`` with ``tol = 1e-6`` in
-            float64, ``1e-3`` in float32; a number: that ``tol``; ``False``: off).  Other keys go to
-            a callable ``solve``.
+            float64, ``1e-3`` in float32; a number: that ``tol``; ``False``: off), ``M`` (cg: a
+            symmetric positive-definite preconditioner ``≈ (A + ridge I)⁻¹``, a callable on flat
+            ``(n,)`` vectors in the layout of ``x``, e.g. ``lambda r: r / diagonal`` (Jacobi);
+            the same for the backward's ``Aᵀ``, so it must be symmetric).  Other keys go to a
+            callable ``solve``.
 
     Returns:
         A decorator; the decorated solver is called like the original, ``solver(init, *params,
