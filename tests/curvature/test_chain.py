@@ -92,6 +92,19 @@ def test_frozen_layers_and_no_bias(chain_calls):
     assert chain_calls
 
 
+def test_inplace_activations_keep_z_and_the_inputs(chain_calls):
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.SiLU(inplace=True), nn.Linear(5, 6), nn.SiLU(inplace=True), nn.Linear(6, 4),
+                          nn.ReLU(inplace=True), nn.Linear(4, 3)).to(DTYPE)
+    X, y = randn(7, 5), _targets(nn.CrossEntropyLoss(), 7, 3)
+    before = X.clone()
+    op = HessianOperator(model, nn.CrossEntropyLoss(), (X, y), check_deterministic=False)
+    dense = op.to_dense()
+    assert torch.equal(X, before)
+    torch.testing.assert_close(dense, dense_hessian(model, nn.CrossEntropyLoss(), X, y), rtol=1e-9, atol=1e-12)
+    assert chain_calls
+
+
 def test_flatten_and_sequence_inputs(chain_calls):
     """Flatten in the chain, and Linear layers applied to (batch, time, features) activations."""
     torch.manual_seed(2)

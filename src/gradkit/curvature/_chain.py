@@ -316,7 +316,8 @@ def chain_hvp(
                 saved.append(x)
                 x = step.ops.forward(x, weight(step), bias(step))
             elif step.kind == "activation":
-                y = step.module(x)
+                # an in-place activation (ReLU(inplace=True)) would overwrite z, or the user's input
+                y = step.module(x.clone() if getattr(step.module, "inplace", False) else x)
                 saved.append((x, y))
                 x = y
             elif step.kind == "max_pool":
