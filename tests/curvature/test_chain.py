@@ -168,6 +168,59 @@ def test_conv_with_frozen_filters_and_a_trained_bias(chain_calls):
     assert chain_calls
 
 
+def _with_statistics(model):
+    """Non-trivial running statistics and affine parameters for every BatchNorm; eval mode."""
+    g = torch.Generator().manual_seed(9)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g, dtype=DTYPE) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g, dtype=DTYPE) * 1.5 + 0.5)
+            if m.affine:
+                with torch.no_grad():
+                    m.weight.copy_(torch.rand(m.num_features, generator=g, dtype=DTYPE) + 0.5)
+                    m.bias.copy_(torch.rand(m.num_features, generator=g, dtype=DTYPE) - 0.5)
+    return model.eval()
+
+
+BATCH_NORM_CHAINS = {
+    "dense, affine and not": (lambda: nn.Sequential(
+        nn.BatchNorm1d(5), nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 4),
+        nn.BatchNorm1d(4, affine=False), nn.SiLU(), nn.Linear(4, 3)), (8, 5)),
+    "conv2d": (lambda: nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(3, 2, 2),
+        nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2, 3)), (6, 2, 4, 4)),
+    "conv1d": (lambda: nn.Sequential(
+        nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3), nn.Softplus(), nn.Flatten(), nn.Linear(12, 3)), (6, 2, 6)),
+}
+
+
+@pytest.mark.parametrize("name", list(BATCH_NORM_CHAINS))
+def test_eval_batch_norm_in_the_chain(name, chain_calls):
+    make, shape = BATCH_NORM_CHAINS[name]
+    torch.manual_seed(10)
+    model = _with_statistics(make().to(DTYPE))
+    X, y = randn(*shape), _targets(nn.CrossEntropyLoss(), shape[0], 3)
+    op = HessianOperator(model, nn.CrossEntropyLoss(), (X, y))
+    torch.testing.assert_close(op.to_dense(), dense_hessian(model, nn.CrossEntropyLoss(), X, y), rtol=1e-9, atol=1e-12)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
+    subset = [norms[0].weight, norms[-1].bias, model[-1].weight]  # scales, shifts, a frozen middle
+    op = HessianOperator(model, nn.CrossEntropyLoss(), (X, y), params=subset)
+    torch.testing.assert_close(op.to_dense(), dense_hessian(model, nn.CrossEntropyLoss(), X, y, subset),
+                               rtol=1e-9, atol=1e-12)
+    assert len(chain_calls) >= 2
+
+
+def test_batch_norm_on_batch_statistics_uses_autograd(chain_calls):
+    torch.manual_seed(11)
+    no_stats = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 3))
+    trained = _with_statistics(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).to(DTYPE)).train()
+    X, y = randn(6, 5), _targets(nn.CrossEntropyLoss(), 6, 3)
+    for model in (no_stats.to(DTYPE).eval(), trained):
+        op = HessianOperator(model, nn.CrossEntropyLoss(), (X, y), allow_train_mode=True, check_deterministic=False)
+        torch.testing.assert_close(op.to_dense(), dense_hessian(model, nn.CrossEntropyLoss(), X, y), rtol=1e-9, atol=1e-12)
+    assert not chain_calls
+
+
 class _Subclass(nn.Sequential):
     def forward(self, x):
         return super().forward(x) * 2

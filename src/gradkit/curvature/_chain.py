@@ -25,9 +25,11 @@ of ``k`` directions the primal pass (``2L − 1``) is shared and each direction 
 
 :func:`chain_plan` recognises the models this applies to and returns ``None`` for every other one
 (the operator then uses autograd): an exact ``nn.Sequential`` (nested ones allowed) of exact
-``nn.Linear``, ``nn.Conv1d/2d/3d`` (zero padding), max and average pooling, eval-mode
+``nn.Linear``, ``nn.Conv1d/2d/3d`` (zero padding), eval-mode ``BatchNorm1d/2d/3d`` with running
+statistics (a per-channel linear layer of the centred input), max and average pooling, eval-mode
 ``Dropout``, ``Identity``, ``Flatten`` and the activations of :data:`ACTIVATIONS`, with no module
-hooks, no parameter shared between layers, and a single tensor as input.
+hooks, no parameter shared between layers, and a single tensor as input (batched, for the layers
+with spatial dimensions).
 """
 
 from __future__ import annotations
@@ -142,8 +144,14 @@ class _Dense:
     def __init__(self, module: nn.Linear) -> None:
         self.module = module
 
+    def prepare(self, x: Tensor) -> Tensor:
+        return x
+
     def forward(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         return F.linear(x, w, b)
+
+    def linear(self, t: Tensor, w: Tensor) -> Tensor:
+        return F.linear(t, w)
 
     def forward_into(self, acc: Tensor, x: Tensor, w: Tensor) -> Tensor:
         """``acc + x Wᵀ``, in place."""
@@ -188,8 +196,14 @@ class _Conv:
         self.conv_weight = (grad.conv1d_weight, grad.conv2d_weight, grad.conv3d_weight)[d - 1]
         self.args = (module.stride, padding, module.dilation, module.groups)
 
+    def prepare(self, x: Tensor) -> Tensor:
+        return x
+
     def forward(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         return self.conv(x, w, b, *self.args)
+
+    def linear(self, t: Tensor, w: Tensor) -> Tensor:
+        return self.conv(t, w, None, *self.args)
 
     def forward_into(self, acc: Tensor, x: Tensor, w: Tensor) -> Tensor:
         return acc.add_(self.conv(x, w, None, *self.args))
@@ -202,6 +216,52 @@ class _Conv:
 
     def weight(self, x: Tensor, delta: Tensor, acc: Tensor | None = None) -> Tensor:
         out = self.conv_weight(x, self.module.weight.shape, delta, *self.args)
+        return out if acc is None else acc.add_(out)
+
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class _Norm:
+    """Eval-mode BatchNorm as a bilinear map of the centred input ``x̃ = x − μ`` and the scale
+    ``γ``: ``z = x̃ · γ / sqrt(σ² + ε) + β`` per channel (running ``μ``, ``σ²``), i.e. a diagonal
+    linear layer; its "input gradient" and "weight gradient" are products and channel sums."""
+
+    channel = 1
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.mean = module.running_mean.detach()
+        self.inv_std = torch.rsqrt(module.running_var.detach() + module.eps)
+
+    def _per_channel(self, c: Tensor, ndim: int) -> Tensor:
+        return c.view(-1, *[1] * (ndim - 2))
+
+    def unit_weight(self) -> Tensor:
+        return torch.ones_like(self.inv_std)
+
+    def prepare(self, x: Tensor) -> Tensor:
+        return x - self._per_channel(self.mean, x.ndim)
+
+    def forward(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        z = x * self._per_channel(w * self.inv_std, x.ndim)
+        return z if b is None else z.add_(self._per_channel(b, x.ndim))
+
+    def linear(self, t: Tensor, w: Tensor) -> Tensor:
+        return self.forward(t, w, None)
+
+    def forward_into(self, acc: Tensor, t: Tensor, w: Tensor) -> Tensor:
+        return acc.addcmul_(t, self._per_channel(w * self.inv_std, t.ndim))
+
+    def input(self, delta: Tensor, w: Tensor, in_shape: torch.Size) -> Tensor:
+        return self.forward(delta, w, None)
+
+    def input_into(self, acc: Tensor, delta: Tensor, w: Tensor) -> Tensor:
+        return self.forward_into(acc, delta, w)
+
+    def weight(self, x: Tensor, delta: Tensor, acc: Tensor | None = None) -> Tensor:
+        """``Σ δ x̃ / sqrt(σ² + ε)`` over all but the channel dimension."""
+        out = (delta * x).sum([d for d in range(x.ndim) if d != 1]).mul_(self.inv_std)
         return out if acc is None else acc.add_(out)
 
 
@@ -242,6 +302,8 @@ def _supported(m: nn.Module) -> bool:
         return m.padding_mode == "zeros" and _resolved_padding(m, _CONVS[kind]) is not None
     if kind in _MAX_POOLS:
         return not m.return_indices
+    if kind in _BATCH_NORMS:  # without running statistics eval mode normalises by the batch
+        return not m.training and m.running_mean is not None and m.running_var is not None
     return kind in ACTIVATIONS or kind is nn.Linear or kind in _LINEAR_MAPS
 
 
@@ -258,9 +320,10 @@ def chain_plan(model: nn.Module, fm: FunctionalModel) -> list[Step] | None:
     plan = []
     for m in layers:
         kind = type(m)
-        if kind is nn.Linear or kind in _CONVS:
+        if kind is nn.Linear or kind in _CONVS or kind in _BATCH_NORMS:
             prefix = names[id(m)]
-            ops = _Dense(m) if kind is nn.Linear else _Conv(m, _resolved_padding(m, _CONVS[kind]))
+            ops = (_Dense(m) if kind is nn.Linear else _Norm(m) if kind in _BATCH_NORMS
+                   else _Conv(m, _resolved_padding(m, _CONVS[kind])))
             plan.append(Step("affine", m, ops, index.get(f"{prefix}.weight"), index.get(f"{prefix}.bias")))
         elif kind in _MAX_POOLS:
             plan.append(Step("max_pool", m))
@@ -299,7 +362,10 @@ def chain_hvp(
     values = fm.values
 
     def weight(step: Step) -> Tensor:
-        return step.module.weight.detach() if step.weight is None else values[step.weight]
+        if step.weight is not None:
+            return values[step.weight]
+        w = step.module.weight
+        return step.ops.unit_weight() if w is None else w.detach()  # BatchNorm(affine=False): γ = 1
 
     def bias(step: Step) -> Tensor | None:
         b = step.module.bias
@@ -313,6 +379,7 @@ def chain_hvp(
             if dims is not None and x.ndim != dims + 2:
                 raise NotBatched(f"{type(step.module).__name__} got an input of shape {tuple(x.shape)}")
             if step.kind == "affine":
+                x = step.ops.prepare(x)  # the input of the bilinear map (BatchNorm: centred)
                 saved.append(x)
                 x = step.ops.forward(x, weight(step), bias(step))
             elif step.kind == "activation":
@@ -378,13 +445,11 @@ def chain_hvp(
             if step.kind == "affine":
                 v_w, v_b = _get(vs, step.weight), _get(vs, step.bias)
                 x = saved[i]
-                if v_w is not None:  # x V_Wᵀ + V_b (+ R{x} Wᵀ)
-                    rz = step.ops.forward(x, v_w, v_b)
+                if v_w is not None or v_b is not None:  # x V_Wᵀ + V_b (+ R{x} Wᵀ)
+                    rz = step.ops.forward(x, torch.zeros_like(weight(step)) if v_w is None else v_w, v_b)
                     rx = rz if rx is None else step.ops.forward_into(rz, rx, weight(step))
                 elif rx is not None:
-                    rx = step.ops.forward(rx, weight(step), v_b)
-                else:
-                    rx = step.ops.forward(x, torch.zeros_like(weight(step)), v_b)
+                    rx = step.ops.linear(rx, weight(step))
             elif rx is None:
                 continue
             elif step.kind == "activation":

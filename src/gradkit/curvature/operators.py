@@ -194,7 +194,7 @@ class HessianOperator(CurvatureOperator):
             graph of each batch is built once and every column of a block is a double backward
             through it; ``"fwd_rev"``: forward-over-reverse, blocks under ``vmap``; see
             :func:`gradkit.core.hvp`.  ``None``: on an ``nn.Sequential`` chain of linear and
-            convolutional layers, poolings and elementwise activations (the list is in
+            convolutional layers, eval-mode BatchNorm, poolings and elementwise activations (the list is in
             :mod:`gradkit.curvature._chain`) Pearlmutter's R-operator written out per layer,
             which skips the weight gradients that both autograd modes form and discard (about
             1.9x a gradient on the MLP and CNN of ``benchmarks/hvp.py``, against 2.3-2.7x); on
