@@ -133,6 +133,30 @@ def test_run_flat_returns_a_reduction():
                                    rtol=1e-13, atol=0)
 
 
+def test_run_flat_per_row_test_at_any_batch_shape():
+    """AdamP's per-row projection test through run_flat on (B, rows, cols) batches traced once
+    (with B = 1 and rows = 1 traced apart) equals the eager test at shapes other than the traced
+    one; half the gradients are made orthogonal to their rows so that both answers occur.  (A
+    threshold written as delta / math.sqrt(size) was frozen at the traced size: this test failed.)"""
+    from gradkit.optim._base import run_flat
+    from gradkit.optim.adamp import _projected
+
+    gen = torch.Generator().manual_seed(2)
+    h = torch.tensor([1e-3, 0.9, 0.999, 1e-8, 0.0, 0.1, 0.1, 1.0, 1.0, 1e-8], dtype=torch.float32)
+    answers = set()
+    for shape in [(1, 40, 50), (3, 6, 7), (4, 64, 128), (2, 1, 9), (1, 1, 5), (5, 3, 1000)]:
+        for trial in range(6):
+            p = torch.randn(shape, generator=gen)
+            g = torch.randn(shape, generator=gen)
+            keep = torch.rand(shape[0], 1, 1, generator=gen) < 0.5
+            radial = p * ((g * p).sum(-1, keepdim=True) / (p * p).sum(-1, keepdim=True))
+            g = torch.where(keep, g, g - radial * (1 - 1e-4 * trial))
+            expected = _projected(p, g, h=h, delta_index=5)
+            assert torch.equal(run_flat(_projected, [p, g], h, {"delta_index": 5}), expected), shape
+            answers.update(expected.tolist())
+    assert answers == {True, False}
+
+
 def test_compiled_kernel_survives_the_recompile_limit():
     """A kernel needing more compiled variants than torch's recompile limit (here patched down to
     1) is compiled again with a raised limit instead of failing (fullgraph=True makes it an

@@ -181,21 +181,33 @@ def compiled(kernel: Kernel) -> Kernel:
     return call
 
 
-#: Size of the example tensors the flat kernels are traced with (any size >= 2 that no ``h`` has).
+#: Sizes of the example tensors the guard-free kernels are traced with, per dimension (any sizes
+#: >= 2 that differ from each other and from every ``len(h)``: equal sizes would share a symbol).
 _TRACE_NUMEL = 1031
+_TRACE_SIZES = (1031, 1033, 1039, 1049)
+_TRACE_BATCH = 3  # leading (batch) dimension of tensors of rank >= 3
+
+
+def _trace_shape(ones: tuple[bool, ...]) -> tuple[int, ...]:
+    """Example shape for inputs of rank ``len(ones)`` whose dimensions flagged in ``ones`` are 1
+    (traced as 1: a size-1 dimension may broadcast, so it is never left symbolic)."""
+    sizes = _TRACE_SIZES[: len(ones)] if len(ones) < 3 else (_TRACE_BATCH, *_TRACE_SIZES[: len(ones) - 1])
+    return tuple(1 if one else size for one, size in zip(ones, sizes))
 
 
 @functools.cache
-def _flat_compiled(kernel: Kernel, static: tuple, dtypes: tuple, h_dtype: torch.dtype, h_len: int,
-                   device: torch.device) -> Callable[..., Any] | None:
-    """An elementwise kernel compiled for 1-D tensors of one (dynamic) length, called without
-    ``torch.compile``'s per-call machinery (guards, frame evaluation: ~50-90 us per call on a small
-    CPU, comparable to the kernel itself on a 262k-element tensor).
+def _graph_compiled(kernel: Kernel, static: tuple, dtypes: tuple, h_dtype: torch.dtype, h_len: int,
+                    device: torch.device, ones: tuple[bool, ...] = (False,)) -> Callable[..., Any] | None:
+    """A kernel compiled for inputs of one (dynamic) shape, called without ``torch.compile``'s
+    per-call machinery (guards, frame evaluation: ~50-90 us per call on a small CPU, comparable to
+    the kernel itself on a 262k-element tensor).
 
     The kernel is traced with symbolic shapes (``make_fx``) and compiled by inductor
     (``standalone_compile``).  Nothing is checked at call time, so the key holds everything the
-    graph assumed: the kernel, its static options, every input's dtype, ``len(h)`` and the device;
-    callers pass contiguous 1-D tensors of one length >= 2.  Kernels must read each input before
+    graph assumed: the kernel, its static options, every input's dtype, ``len(h)``, the device and
+    the inputs' rank with which dimensions are 1 (``ones``); callers pass contiguous tensors of
+    one shape.  Python arithmetic on sizes inside the kernel would be frozen at the traced value
+    (write size-dependent constants as tensor operations).  Kernels must read each input before
     they write it: inductor (2.13, CPU) has been seen to reorder a read of an input after its own
     ``copy_`` on this path (ExtraGradient, which therefore sets ``flat_compilable = False``; the
     conformance suite's fused-vs-reference tests catch such a kernel).  ``None`` if this torch cannot do it
@@ -210,7 +222,10 @@ def _flat_compiled(kernel: Kernel, static: tuple, dtypes: tuple, h_dtype: torch.
             out = kernel(*args[:-1], h=args[-1], **options)
             return () if out is None else out
 
-        examples = [torch.zeros(_TRACE_NUMEL, dtype=d, device=device) for d in dtypes]
+        shape = _trace_shape(ones)
+        if h_len in shape:
+            raise ValueError(f"len(h) = {h_len} equals a traced size")
+        examples = [torch.zeros(shape, dtype=d, device=device) for d in dtypes]
         examples.append(torch.zeros(h_len, dtype=h_dtype, device=device))
         with torch.no_grad():
             # functionalized first: the graph computes every new value from the inputs' old values
@@ -219,20 +234,21 @@ def _flat_compiled(kernel: Kernel, static: tuple, dtypes: tuple, h_dtype: torch.
                             tracing_mode="symbolic")(*examples)
             return torch._inductor.standalone_compile(graph, examples, dynamic_shapes="from_graph")
     except Exception as err:  # pragma: no cover - depends on the torch version
-        logger.info("gradkit.optim: no flat compiled kernel for %s (%s); using torch.compile",
+        logger.info("gradkit.optim: no guard-free compiled kernel for %s (%s); using torch.compile",
                     kernel.__qualname__, err)
         return None
 
 
 def run_flat(kernel: Kernel, args: Sequence[torch.Tensor], h: torch.Tensor, static: dict[str, Any]) -> Any:
-    """Run a compiled elementwise ``kernel`` on contiguous 1-D ``args`` of one length >= 2 (see
-    :func:`_flat_compiled`), falling back to :func:`compiled`; returns what the kernel returns
-    (a kernel returning a tensor, e.g. a reduction, gets it back; ``()`` for ``None``)."""
+    """Run a compiled ``kernel`` on contiguous ``args`` of one shape (1-D of length >= 2 for the
+    elementwise kernels; any rank for others, e.g. AdamP's per-row test on ``(B, rows, cols)``
+    batches; see :func:`_graph_compiled`), falling back to :func:`compiled`; returns what the
+    kernel returns (a kernel returning a tensor, e.g. a reduction, gets it back; ``()`` for ``None``)."""
     fn = None
     if h.device.type == "cpu":  # the only device this path has been tested on
         try:
-            fn = _flat_compiled(kernel, tuple(sorted(static.items())), tuple(a.dtype for a in args), h.dtype,
-                                h.numel(), h.device)
+            fn = _graph_compiled(kernel, tuple(sorted(static.items())), tuple(a.dtype for a in args), h.dtype,
+                                 h.numel(), h.device, tuple(s == 1 for s in args[0].shape))
         except TypeError:  # an unhashable static option
             fn = None
     if fn is None:

@@ -52,7 +52,7 @@ def _decided(kernel, args, h, static, delta_index: int) -> bool:
         kernel(*args, h=h, **static)  # eagerly: a size-1 input would force a recompilation
         return True
     if param.dim() == 3:
-        if not contiguous or bool(compiled(_projected)(param, grad, h=h, delta_index=delta_index).any()):
+        if not contiguous or bool(run_flat(_projected, [param, grad], h, {"delta_index": delta_index}).any()):
             return False
     if contiguous:
         run_flat(kernel, [a.view(-1) for a in args], h, static)
@@ -81,7 +81,8 @@ def _tests(pp, gg, gp, delta, eps, cols):
     from the per-row sums ``pp = Σθ²``, ``gg = Σg²``, ``gp = Σgθ``: ``|cos| < δ/√dim``."""
 
     def test(pp, gg, gp, dim):
-        return (gp / torch.clamp_min(gg * pp, eps * eps).sqrt()).abs() < delta / math.sqrt(dim)
+        # cos² dim < δ², squared: no square root of a size (it would be frozen in a traced graph)
+        return gp * gp * dim < delta * delta * torch.clamp_min(gg * pp, eps * eps)
 
     layer = test(*(x.sum(-1, keepdim=True) for x in (pp, gg, gp)), pp.shape[-1] * cols)
     return test(pp, gg, gp, cols), layer
