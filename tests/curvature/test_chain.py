@@ -210,6 +210,24 @@ def test_eval_batch_norm_in_the_chain(name, chain_calls):
     assert len(chain_calls) >= 2
 
 
+def test_channels_last_and_strided_inputs(chain_calls):
+    """Memory layouts the chain must not assume away: channels-last points and weights, and a
+    transposed (non-contiguous) input matrix."""
+    torch.manual_seed(12)
+    model = _with_statistics(nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(), nn.MaxPool2d(2), nn.Conv2d(4, 3, 3),
+        nn.ReLU(), nn.Flatten(), nn.Linear(12, 3)).to(DTYPE))
+    X, y = randn(5, 2, 8, 8).to(memory_format=torch.channels_last), _targets(nn.CrossEntropyLoss(), 5, 3)
+    for net in (model, model.to(memory_format=torch.channels_last)):
+        op = HessianOperator(net, nn.CrossEntropyLoss(), (X, y))
+        torch.testing.assert_close(op.to_dense(), dense_hessian(net, nn.CrossEntropyLoss(), X, y), rtol=1e-9, atol=1e-12)
+    mlp = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(DTYPE)
+    X, y = randn(5, 7).T, _targets(nn.CrossEntropyLoss(), 7, 3)
+    op = HessianOperator(mlp, nn.CrossEntropyLoss(), (X, y))
+    torch.testing.assert_close(op.to_dense(), dense_hessian(mlp, nn.CrossEntropyLoss(), X, y), rtol=1e-9, atol=1e-12)
+    assert len(chain_calls) >= 3
+
+
 def test_batch_norm_on_batch_statistics_uses_autograd(chain_calls):
     torch.manual_seed(11)
     no_stats = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 3))
