@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from gk_testing import DTYPE, dense_hessian, randn
-from gradkit.curvature import HessianOperator
+from gk_testing import DTYPE, dense_ef, dense_ggn, dense_hessian, randn
+from gradkit.curvature import EFOperator, GGNOperator, HessianOperator, MCFisherOperator
 from gradkit.curvature import operators as operators_module
 
 ACTIVATIONS = [
@@ -335,3 +335,43 @@ def test_float32_agrees_with_rev_rev():
     reference = HessianOperator(model, nn.CrossEntropyLoss(), (X, y), mode="rev_rev")
     V = torch.randn(ours.shape[0], 2)
     torch.testing.assert_close(ours @ V, reference @ V, rtol=1e-4, atol=1e-6)
+
+
+JACOBIAN_CHAINS = {
+    "dense": (lambda: nn.Sequential(nn.Linear(5, 6), nn.SiLU(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)), (9, 5)),
+    "conv": (lambda: _with_statistics(nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(12, 3)).to(DTYPE)), (6, 2, 4, 4)),
+}
+DENSE_REFERENCE = {GGNOperator: dense_ggn, EFOperator: dense_ef}
+
+
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.MSELoss(reduction="sum")], ids=repr)
+@pytest.mark.parametrize("name", list(JACOBIAN_CHAINS))
+@pytest.mark.parametrize("operator", [GGNOperator, EFOperator, MCFisherOperator], ids=lambda c: c.__name__)
+def test_single_vector_jacobian_products_of_the_chain(operator, name, loss_fn, monkeypatch):
+    """GGN, empirical and MC Fisher products with one vector go through the chain's ``J v`` and
+    ``Jᵀ u`` (blocks keep torch.func): column by column they equal the dense matrix and the
+    operator without the chain; a spy counts the chain's uses."""
+    make, shape = JACOBIAN_CHAINS[name]
+    torch.manual_seed(13)
+    model = make().to(DTYPE)
+    X = randn(*shape)
+    y = _targets(loss_fn, shape[0], 3)
+    batches = [(X[:4], y[:4]), (X[4:], y[4:])]
+    uses = []
+    original = operators_module.chain_jacobian
+
+    def spy(*args, **kwargs):
+        uses.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(operators_module, "chain_jacobian", spy)
+    op = operator(model, loss_fn, batches)
+    columns = torch.stack([op @ e for e in torch.eye(op.shape[0], dtype=DTYPE)], 1)
+    assert uses
+    monkeypatch.setattr(operators_module, "chain_plan", lambda *args: None)
+    reference = operator(model, loss_fn, batches).to_dense()
+    torch.testing.assert_close(columns, reference, rtol=1e-9, atol=1e-12)
+    if operator in DENSE_REFERENCE:
+        torch.testing.assert_close(columns, DENSE_REFERENCE[operator](model, loss_fn, X, y), rtol=1e-9, atol=1e-12)

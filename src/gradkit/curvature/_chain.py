@@ -23,6 +23,10 @@ Autograd's double backward and its forward-over-reverse both also form the weigh
 ``8L − 5`` matrix products against ``3L − 1`` for a gradient (``9L − 5`` by autograd); for a block
 of ``k`` directions the primal pass (``2L − 1``) is shared and each direction adds ``6L − 4``.
 
+The same forward pass gives the Jacobian products of the generalised Gauss–Newton and Fisher
+operators (:func:`chain_jacobian`): ``J v`` is the R forward pass, ``Jᵀ u`` a backward pass that
+forms the weight gradients of ``⟨u, f⟩``.
+
 :func:`chain_plan` recognises the models this applies to and returns ``None`` for every other one
 (the operator then uses autograd): an exact ``nn.Sequential`` (nested ones allowed) of exact
 ``nn.Linear``, ``nn.Conv1d/2d/3d`` (zero padding), eval-mode ``BatchNorm1d/2d/3d`` with running
@@ -45,7 +49,7 @@ from torch.nn import functional as F
 
 from gradkit.core.functional import FunctionalModel, global_module_hooks, module_has_hooks
 
-__all__ = ["ACTIVATIONS", "chain_plan", "chain_hvp"]
+__all__ = ["ACTIVATIONS", "chain_plan", "chain_hvp", "chain_jacobian"]
 
 # Each activation maps ``(module, z, y = σ(z))`` to ``σ'(z)``, and, for the second-order term,
 # ``(module, z, y, σ'(z), δ_y, δ_z = σ'(z) δ_y)`` to ``(e, c)`` with ``σ''(z) ⊙ δ_y = c · e`` (``None``
@@ -349,6 +353,132 @@ def _spatial_dims(m: nn.Module) -> int | None:
     return None if kind is nn.Flatten or kind not in _LINEAR_MAPS else int(kind.__name__[-2])
 
 
+class _Pass:
+    """The primal forward pass of a chain over one batch, and the products built on it.
+
+    Saves the input of every step (affine layers: the input of their bilinear map), ``σ'`` of
+    every activation from the first layer with a variable on, and the output ``f``.  Raises
+    :class:`NotBatched` for unbatched inputs to convolutions or poolings."""
+
+    def __init__(self, plan: list[Step], fm: FunctionalModel, inputs: Tensor) -> None:
+        self.plan, self.fm = plan, fm
+        # the first layer with a variable: nothing before it needs a derivative
+        self.first = next(i for i, s in enumerate(plan) if s.kind == "affine" and (s.weight, s.bias) != (None, None))
+        x, self.saved, self.d1 = inputs, [], [None] * len(plan)
+        with torch.no_grad():
+            for i, step in enumerate(plan):
+                dims = _spatial_dims(step.module)
+                if dims is not None and x.ndim != dims + 2:
+                    raise NotBatched(f"{type(step.module).__name__} got an input of shape {tuple(x.shape)}")
+                if step.kind == "affine":
+                    x = step.ops.prepare(x)  # the input of the bilinear map (BatchNorm: centred)
+                    self.saved.append(x)
+                    x = step.ops.forward(x, self.weight(step), self.bias(step))
+                elif step.kind == "activation":
+                    # an in-place activation (ReLU(inplace=True)) would overwrite z, or the user's input
+                    y = step.module(x.clone() if getattr(step.module, "inplace", False) else x)
+                    self.saved.append((x, y))
+                    if i > self.first:
+                        self.d1[i] = ACTIVATIONS[type(step.module)][0](step.module, x, y)
+                    x = y
+                elif step.kind == "max_pool":
+                    m = step.module
+                    pool = getattr(F, f"max_pool{dims}d_with_indices")
+                    y, where = pool(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, True)
+                    self.saved.append((x.shape, where.flatten(2), y.shape))
+                    x = y
+                else:
+                    shape = x.shape
+                    x = step.module(x)
+                    self.saved.append((shape, x.shape))
+        self.f = x
+
+    def weight(self, step: Step) -> Tensor:
+        if step.weight is not None:
+            return self.fm.values[step.weight]
+        w = step.module.weight
+        return step.ops.unit_weight() if w is None else w.detach()  # BatchNorm(affine=False): γ = 1
+
+    def bias(self, step: Step) -> Tensor | None:
+        b = step.module.bias
+        return (None if b is None else b.detach()) if step.bias is None else self.fm.values[step.bias]
+
+    def backward(self, i: int, t: Tensor) -> Tensor:
+        """``t`` (a gradient at the output of pooling or linear map ``i``) taken to its input."""
+        step, entry = self.plan[i], self.saved[i]
+        if step.kind == "max_pool":
+            in_shape, where, _ = entry
+            out = t.new_zeros(*in_shape[:2], math.prod(in_shape[2:]))
+            return out.scatter_add_(2, where, t.flatten(2)).view(in_shape)
+        if type(step.module) is nn.Flatten:
+            return t.reshape(entry[0])
+        _, pullback = torch.func.vjp(step.module, t.new_zeros(entry[0]))  # linear: any point
+        return pullback(t)[0]
+
+    def tangent(self, vs: tuple[Tensor, ...], keep: Callable[[int], bool]) -> tuple[Tensor | None, list[Tensor | None]]:
+        """The R forward pass for one direction ``vs``: ``(R{f}, R{input} of every step)``
+        (``None``: zero).  An activation's ``R{z}`` is kept intact where ``keep(i)``."""
+        rx: Tensor | None = None
+        r_in: list[Tensor | None] = [None] * len(self.plan)
+        for i in range(self.first, len(self.plan)):
+            step, r_in[i] = self.plan[i], rx
+            if step.kind == "affine":
+                v_w, v_b = _get(vs, step.weight), _get(vs, step.bias)
+                w = self.weight(step)
+                if v_w is not None or v_b is not None:  # x V_Wᵀ + V_b (+ R{x} Wᵀ)
+                    rz = step.ops.forward(self.saved[i], torch.zeros_like(w) if v_w is None else v_w, v_b)
+                    rx = rz if rx is None else step.ops.forward_into(rz, rx, w)
+                elif rx is not None:
+                    rx = step.ops.linear(rx, w)
+            elif rx is None:
+                continue
+            elif step.kind == "activation":
+                rx = rx * self.d1[i] if keep(i) else rx.mul_(self.d1[i])
+            elif step.kind == "max_pool":
+                _, where, out_shape = self.saved[i]
+                rx = rx.flatten(2).gather(2, where).view(out_shape)
+            else:
+                rx = step.module(rx)
+        return rx, r_in
+
+    def pullback(self, u: Tensor, out: tuple[Tensor, ...]) -> None:
+        """Write ``Jᵀ u`` (the gradient of ``⟨u, f⟩``) for one ``u`` shaped like ``f`` into ``out``."""
+        delta = u
+        for i in range(len(self.plan) - 1, self.first - 1, -1):
+            step = self.plan[i]
+            if step.kind == "affine":
+                if step.weight is not None:
+                    out[step.weight].copy_(step.ops.weight(self.saved[i], delta))
+                if step.bias is not None:
+                    out[step.bias].copy_(_bias_sum(step, delta))
+                if i > self.first:
+                    delta = step.ops.input(delta, self.weight(step), self.saved[i].shape)
+            elif step.kind == "activation":
+                delta = delta * self.d1[i]
+            else:
+                delta = self.backward(i, delta)
+
+
+def _bias_sum(step: Step, t: Tensor) -> Tensor:
+    """``Σ t`` over all but the bias (channel) dimension of ``step``'s output."""
+    channel = step.ops.channel % t.ndim
+    return t.sum([d for d in range(t.ndim) if d != channel])
+
+
+def _one_at_a_time(fm: FunctionalModel, one: Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], None]):
+    """``vs -> (k, n)``: ``one(v, out)`` for each of the ``k`` parameter-shaped directions."""
+
+    def product(vs: tuple[Tensor, ...]) -> Tensor:
+        flat = vs[0].new_zeros(vs[0].shape[0], fm.numel)
+        out = fm.split(flat)
+        with torch.no_grad():
+            for j in range(flat.shape[0]):
+                one(tuple(v[j] for v in vs), tuple(o[j] for o in out))
+        return flat
+
+    return product
+
+
 def chain_hvp(
     plan: list[Step], fm: FunctionalModel, loss_fn: nn.Module, inputs: Tensor, targets: Tensor,
     output_hvp: Callable[[Tensor, Tensor], Tensor],
@@ -359,153 +489,93 @@ def chain_hvp(
     ``output_hvp(f, U)`` is ``∇²_f L · U`` for the batch loss at the output ``f``.  Raises
     :class:`NotBatched` for unbatched inputs to convolutions or poolings.
     """
-    values = fm.values
-
-    def weight(step: Step) -> Tensor:
-        if step.weight is not None:
-            return values[step.weight]
-        w = step.module.weight
-        return step.ops.unit_weight() if w is None else w.detach()  # BatchNorm(affine=False): γ = 1
-
-    def bias(step: Step) -> Tensor | None:
-        b = step.module.bias
-        return (None if b is None else b.detach()) if step.bias is None else values[step.bias]
-
-    # ---- primal forward: the input of every step (and what else the step needs)
-    x, saved = inputs, []
-    with torch.no_grad():
-        for step in plan:
-            dims = _spatial_dims(step.module)
-            if dims is not None and x.ndim != dims + 2:
-                raise NotBatched(f"{type(step.module).__name__} got an input of shape {tuple(x.shape)}")
-            if step.kind == "affine":
-                x = step.ops.prepare(x)  # the input of the bilinear map (BatchNorm: centred)
-                saved.append(x)
-                x = step.ops.forward(x, weight(step), bias(step))
-            elif step.kind == "activation":
-                # an in-place activation (ReLU(inplace=True)) would overwrite z, or the user's input
-                y = step.module(x.clone() if getattr(step.module, "inplace", False) else x)
-                saved.append((x, y))
-                x = y
-            elif step.kind == "max_pool":
-                m = step.module
-                pool = getattr(F, f"max_pool{dims}d_with_indices")
-                y, where = pool(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, True)
-                saved.append((x.shape, where.flatten(2), y.shape))
-                x = y
-            else:
-                shape = x.shape
-                x = step.module(x)
-                saved.append((shape, x.shape))
-    f = x.detach().requires_grad_(True)
+    run = _Pass(plan, fm, inputs)
+    f = run.f.detach().requires_grad_(True)
     with torch.enable_grad():
         (delta,) = torch.autograd.grad(loss_fn(f, targets), f)
     f = f.detach()
-    # the first layer with a variable: nothing before it needs a derivative
-    first = next(i for i, s in enumerate(plan) if s.kind == "affine" and (s.weight, s.bias) != (None, None))
 
-    def backward(step: Step, t: Tensor, entry: Any) -> Tensor:
-        """``t`` (a gradient at the output of a pooling or linear map) taken to its input."""
-        if step.kind == "max_pool":
-            in_shape, where, _ = entry
-            out = t.new_zeros(*in_shape[:2], math.prod(in_shape[2:]))
-            return out.scatter_add_(2, where, t.flatten(2)).view(in_shape)
-        if type(step.module) is nn.Flatten:
-            return t.reshape(entry[0])
-        _, pullback = torch.func.vjp(step.module, t.new_zeros(entry[0]))  # linear: any point
-        return pullback(t)[0]
-
-    # ---- primal backward: δ at the output of each affine layer (no weight gradients); σ' and the
+    # ---- primal backward: δ at the output of each affine layer (no weight gradients) and the
     # σ'' term of each activation
     deltas: list[Any] = [None] * len(plan)
+    second: list[Any] = [None] * len(plan)
     with torch.no_grad():
-        for i in range(len(plan) - 1, first - 1, -1):
+        for i in range(len(plan) - 1, run.first - 1, -1):
             step = plan[i]
             if step.kind == "affine":
                 deltas[i] = delta
-                if i > first:
-                    delta = step.ops.input(delta, weight(step), saved[i].shape)
+                if i > run.first:
+                    delta = step.ops.input(delta, run.weight(step), run.saved[i].shape)
             elif step.kind == "activation":
-                z, y = saved[i]
-                first_fn, second_fn = ACTIVATIONS[type(step.module)]
-                d1 = first_fn(step.module, z, y)
-                dz = delta * d1
-                deltas[i] = (d1, None if second_fn is None else second_fn(step.module, z, y, d1, delta, dz))
+                z, y = run.saved[i]
+                second_fn = ACTIVATIONS[type(step.module)][1]
+                dz = delta * run.d1[i]
+                second[i] = None if second_fn is None else second_fn(step.module, z, y, run.d1[i], delta, dz)
                 delta = dz
             else:
-                delta = backward(step, delta, saved[i])
+                delta = run.backward(i, delta)
 
     def one(vs: tuple[Tensor, ...], out: tuple[Tensor, ...]) -> None:
         """Write ``H v`` for one direction ``v`` (parameter-shaped ``vs``) into ``out``."""
-        # ---- R forward: R{input} of every step from the first variable on (None: zero)
-        rx: Tensor | None = None
-        r_in: list[Tensor | None] = [None] * len(plan)
-        for i in range(first, len(plan)):
-            step, r_in[i] = plan[i], rx
-            if step.kind == "affine":
-                v_w, v_b = _get(vs, step.weight), _get(vs, step.bias)
-                x = saved[i]
-                if v_w is not None or v_b is not None:  # x V_Wᵀ + V_b (+ R{x} Wᵀ)
-                    rz = step.ops.forward(x, torch.zeros_like(weight(step)) if v_w is None else v_w, v_b)
-                    rx = rz if rx is None else step.ops.forward_into(rz, rx, weight(step))
-                elif rx is not None:
-                    rx = step.ops.linear(rx, weight(step))
-            elif rx is None:
-                continue
-            elif step.kind == "activation":
-                d1, second = deltas[i]
-                rx = rx * d1 if second is not None else rx.mul_(d1)  # R{z} is kept for σ''
-            elif step.kind == "max_pool":
-                _, where, out_shape = saved[i]
-                rx = rx.flatten(2).gather(2, where).view(out_shape)
-            else:
-                rx = step.module(rx)
-        # ---- R backward
+        rx, r_in = run.tangent(vs, keep=lambda i: second[i] is not None)  # R{z} is kept for σ''
         r_delta = None if rx is None else output_hvp(f, rx)
-        for i in range(len(plan) - 1, first - 1, -1):
+        for i in range(len(plan) - 1, run.first - 1, -1):
             step = plan[i]
             if step.kind == "affine":
                 delta, r = deltas[i], r_in[i]
                 if step.weight is not None:  # R{δ}ᵀ x + δᵀ R{x}
-                    hw = None if r_delta is None else step.ops.weight(saved[i], r_delta)
+                    hw = None if r_delta is None else step.ops.weight(run.saved[i], r_delta)
                     if r is not None:
                         hw = step.ops.weight(r, delta, hw)
                     if hw is not None:
                         out[step.weight].copy_(hw)
                 if step.bias is not None and r_delta is not None:
-                    channel = step.ops.channel % r_delta.ndim
-                    out[step.bias].copy_(r_delta.sum([d for d in range(r_delta.ndim) if d != channel]))
-                if i == first:
+                    out[step.bias].copy_(_bias_sum(step, r_delta))
+                if i == run.first:
                     break
-                v_w = _get(vs, step.weight)  # R{δ} W + δ V_W
-                new = None if v_w is None else step.ops.input(delta, v_w, saved[i].shape)
+                v_w, w = _get(vs, step.weight), run.weight(step)  # R{δ} W + δ V_W
+                new = None if v_w is None else step.ops.input(delta, v_w, run.saved[i].shape)
                 if r_delta is not None and new is None:
-                    new = step.ops.input(r_delta, weight(step), saved[i].shape)
+                    new = step.ops.input(r_delta, w, run.saved[i].shape)
                 elif r_delta is not None:
-                    new = step.ops.input_into(new, r_delta, weight(step))
+                    new = step.ops.input_into(new, r_delta, w)
                 r_delta = new
             elif step.kind == "activation":
-                d1, second = deltas[i]
                 if r_delta is not None:
-                    r_delta = r_delta.mul_(d1)
-                if second is not None and r_in[i] is not None:
-                    e, c = second
+                    r_delta = r_delta.mul_(run.d1[i])
+                if second[i] is not None and r_in[i] is not None:
+                    e, c = second[i]
                     r_delta = (e * r_in[i]).mul_(c) if r_delta is None else r_delta.addcmul_(e, r_in[i], value=c)
             elif r_delta is not None:
-                r_delta = backward(step, r_delta, saved[i])
+                r_delta = run.backward(i, r_delta)
 
     # One direction at a time: measured on the MLP and the CNN of benchmarks/hvp.py, a block of
     # directions through each layer at once was no faster per column on the MLP and much slower
     # on the CNN (1.7x a gradient per column against 0.9x: its tangents are k times as large).
-    def product(vs: tuple[Tensor, ...]) -> Tensor:
-        flat = vs[0].new_zeros(vs[0].shape[0], fm.numel)
+    return _one_at_a_time(fm, one)
+
+
+def chain_jacobian(plan: list[Step], fm: FunctionalModel, inputs: Tensor) -> tuple[Tensor, Callable, Callable]:
+    """``(f, J·, Jᵀ·)`` of the chain's output for one batch, each product one direction at a time
+    over a leading ``k`` dimension: ``J vs`` is ``(k, *f.shape)`` for parameter-shaped ``vs``,
+    ``Jᵀ U`` is ``(k, n)`` flat for ``U`` of shape ``(k, *f.shape)``.  The R forward pass of
+    :func:`chain_hvp` and a backward pass that forms only the weight gradients."""
+    run = _Pass(plan, fm, inputs)
+
+    def jvp(vs: tuple[Tensor, ...]) -> Tensor:
+        with torch.no_grad():
+            outs = [run.tangent(tuple(v[j] for v in vs), keep=lambda i: False)[0] for j in range(vs[0].shape[0])]
+        return torch.stack([torch.zeros_like(run.f) if o is None else o for o in outs])
+
+    def vjp(U: Tensor) -> Tensor:
+        flat = U.new_zeros(U.shape[0], fm.numel)
         out = fm.split(flat)
         with torch.no_grad():
-            for j in range(flat.shape[0]):
-                one(tuple(v[j] for v in vs), tuple(o[j] for o in out))
+            for j in range(U.shape[0]):
+                run.pullback(U[j], tuple(o[j] for o in out))
         return flat
 
-    return product
+    return run.f, jvp, vjp
 
 
 def _get(vs: tuple[Tensor, ...], index: int | None) -> Tensor | None:
