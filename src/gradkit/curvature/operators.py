@@ -229,8 +229,8 @@ class HessianOperator(CurvatureOperator):
             convolutional layers, eval-mode BatchNorm, poolings and elementwise activations (the list is in
             :mod:`gradkit.curvature._chain`) Pearlmutter's R-operator written out per layer,
             which skips the weight gradients that both autograd modes form and discard (about
-            1.9x a gradient on the MLP and CNN of ``benchmarks/hvp.py``, against 2.3-2.7x); on
-            any other model ``"rev_rev"``.
+            2.3x and 1.9x a gradient on the MLP and CNN of ``benchmarks/hvp.py``, against
+            2.3-2.9x by autograd); on any other model ``"rev_rev"``.
         **kwargs: see :class:`CurvatureOperator`.
     """
 
