@@ -228,6 +228,16 @@ def test_channels_last_and_strided_inputs(chain_calls):
     assert len(chain_calls) >= 3
 
 
+def test_unbatched_batch_norm_2d_is_left_to_torch(chain_calls):
+    """BatchNorm2d refuses a 3-D input; the chain must not normalise it along the wrong dimension."""
+    model = _with_statistics(nn.Sequential(nn.BatchNorm2d(2), nn.Flatten(0), nn.Linear(18, 3)).to(DTYPE))
+    X, y = randn(2, 3, 3), randn(3, seed=4)
+    op = HessianOperator(model, nn.MSELoss(), (X, y), check_deterministic=False, num_data=1)
+    with pytest.raises(ValueError, match="expected 4D input"):
+        op @ randn(op.shape[0])
+    assert not chain_calls
+
+
 def test_batch_norm_on_batch_statistics_uses_autograd(chain_calls):
     torch.manual_seed(11)
     no_stats = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 3))

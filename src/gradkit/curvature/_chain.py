@@ -136,8 +136,9 @@ ACTIVATIONS: dict[type, tuple[First, Second | None]] = {
 _PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _MAX_POOLS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
-_LINEAR_MAPS = (nn.Flatten, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+_AVG_POOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+              nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+_LINEAR_MAPS = (nn.Flatten, *_AVG_POOLS)
 
 
 class _Dense:
@@ -193,7 +194,7 @@ class _Conv:
 
     def __init__(self, module: nn.Module, padding: tuple[int, ...]) -> None:
         d = _CONVS[type(module)]
-        self.module, self.dims = module, d
+        self.module = module
         self.conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
         grad = torch.nn.grad
         self.conv_input = (grad.conv1d_input, grad.conv2d_input, grad.conv3d_input)[d - 1]
@@ -224,6 +225,9 @@ class _Conv:
 
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: layers that need a batched (N, C, *spatial) input, by their number of spatial dimensions
+#: (BatchNorm1d takes (N, C) and (N, C, L) alike)
+_SPATIAL_DIMS = {**_CONVS, **_MAX_POOLS, **_AVG_POOLS, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 
 
 class _Norm:
@@ -339,18 +343,8 @@ def chain_plan(model: nn.Module, fm: FunctionalModel) -> list[Step] | None:
 
 
 class NotBatched(ValueError):
-    """A convolution or pooling met an input without a batch dimension (the operator then uses
-    autograd)."""
-
-
-def _spatial_dims(m: nn.Module) -> int | None:
-    """Number of spatial dimensions of a convolution or pooling (``None`` for other layers)."""
-    kind = type(m)
-    if kind in _CONVS:
-        return _CONVS[kind]
-    if kind in _MAX_POOLS:
-        return _MAX_POOLS[kind]
-    return None if kind is nn.Flatten or kind not in _LINEAR_MAPS else int(kind.__name__[-2])
+    """A convolution, pooling or BatchNorm2d/3d met an input without a batch dimension (the
+    operator then uses autograd, where torch's own layers accept or refuse it)."""
 
 
 class _Pass:
@@ -367,7 +361,7 @@ class _Pass:
         x, self.saved, self.d1 = inputs, [], [None] * len(plan)
         with torch.no_grad():
             for i, step in enumerate(plan):
-                dims = _spatial_dims(step.module)
+                dims = _SPATIAL_DIMS.get(type(step.module))
                 if dims is not None and x.ndim != dims + 2:
                     raise NotBatched(f"{type(step.module).__name__} got an input of shape {tuple(x.shape)}")
                 if step.kind == "affine":
@@ -466,7 +460,8 @@ def _bias_sum(step: Step, t: Tensor) -> Tensor:
 
 
 def _one_at_a_time(fm: FunctionalModel, one: Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], None]):
-    """``vs -> (k, n)``: ``one(v, out)`` for each of the ``k`` parameter-shaped directions."""
+    """``vs -> (k, n)``: ``one(v, out)`` for each of the ``k`` slices ``v`` of the tensors ``vs``
+    (parameter-shaped directions, or a batch of output-shaped vectors), ``out`` its row of the result."""
 
     def product(vs: tuple[Tensor, ...]) -> Tensor:
         flat = vs[0].new_zeros(vs[0].shape[0], fm.numel)
@@ -567,15 +562,8 @@ def chain_jacobian(plan: list[Step], fm: FunctionalModel, inputs: Tensor) -> tup
             outs = [run.tangent(tuple(v[j] for v in vs), keep=lambda i: False)[0] for j in range(vs[0].shape[0])]
         return torch.stack([torch.zeros_like(run.f) if o is None else o for o in outs])
 
-    def vjp(U: Tensor) -> Tensor:
-        flat = U.new_zeros(U.shape[0], fm.numel)
-        out = fm.split(flat)
-        with torch.no_grad():
-            for j in range(U.shape[0]):
-                run.pullback(U[j], tuple(o[j] for o in out))
-        return flat
-
-    return run.f, jvp, vjp
+    pullbacks = _one_at_a_time(fm, lambda u, out: run.pullback(u[0], out))
+    return run.f, jvp, lambda U: pullbacks((U,))
 
 
 def _get(vs: tuple[Tensor, ...], index: int | None) -> Tensor | None:

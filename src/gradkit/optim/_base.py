@@ -184,7 +184,7 @@ def compiled(kernel: Kernel) -> Kernel:
 #: Sizes of the example tensors the guard-free kernels are traced with, per dimension (any sizes
 #: >= 2 that differ from each other and from every ``len(h)``: equal sizes would share a symbol).
 _TRACE_NUMEL = 1031
-_TRACE_SIZES = (1031, 1033, 1039, 1049)
+_TRACE_SIZES = (_TRACE_NUMEL, 1033, 1039, 1049)
 _TRACE_BATCH = 3  # leading (batch) dimension of tensors of rank >= 3
 
 
