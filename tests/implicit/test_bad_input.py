@@ -123,3 +123,37 @@ def test_bad_options_and_arguments():
         None, torch.tensor(1.0, dtype=F64, requires_grad=True))
     with pytest.raises(ValueError, match="singular.*ridge="):
         w.sum().backward()
+
+
+def test_structure_check_without_optimality_check_runs_once_per_signature():
+    """check_optimality=False: F(x*, θ) is evaluated in the forward only on the first call with a
+    given signature (structures, shapes, dtypes, constants); a new signature is checked again, so a
+    wrong structure is still caught on its first call, and gradients are unchanged."""
+    calls = []
+
+    def counted(w, lam, scale=1.0):
+        calls.append(w.shape)
+        return OPT(w, lam) * scale
+
+    solver = custom_root(counted, check_optimality=False)(lambda init, l, scale=1.0: ridge_closed_form(l))
+    lam = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    for _ in range(3):
+        w = solver(None, lam)
+    assert len(calls) == 1  # forward only, no backward yet
+    (g,) = torch.autograd.grad(w.sum(), lam)
+    (g_checked,) = torch.autograd.grad(custom_root(OPT)(ridge_numpy_solver)(None, lam).sum(), lam)
+    torch.testing.assert_close(g, g_checked, rtol=1e-10, atol=0)
+    calls.clear()
+    solver(None, lam, scale=2.0)  # another constant keyword: checked again
+    solver(None, lam.float())  # another dtype: checked again
+    assert len(calls) == 2
+    # with the optimality check on, F is evaluated on every call
+    checked = custom_root(counted)(lambda init, l: ridge_closed_form(l))
+    calls.clear()
+    for _ in range(3):
+        checked(None, lam.detach())
+    assert len(calls) == 3
+    # a wrong structure is refused on the first call of its signature although the check is off
+    wrong = custom_root(lambda w, l: OPT(w, l).sum(), check_optimality=False)(ridge_numpy_solver)
+    with pytest.raises(ValueError, match="one value per unknown"):
+        wrong(None, lam)

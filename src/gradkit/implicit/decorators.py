@@ -86,9 +86,12 @@ class _Call:
     def __init__(
         self, solver: Callable[..., Any], residual: Callable[..., Any], sign: float, opts: SolveOptions,
         has_aux: bool, where: str, fn_name: str, args: tuple[Any, tuple[Any, ...], dict[str, Any]],
-        keywords: frozenset[str] | None = frozenset(),
+        keywords: frozenset[str] | None = frozenset(), checked: set[Any] | None = None,
     ) -> None:
         self.solver, self.residual, self.sign, self.opts = solver, residual, sign, opts
+        # signatures whose residual structure an earlier call already checked (shared by the calls
+        # of one decorated solver; used only with check_optimality=False)
+        self.checked = set() if checked is None else checked
         # keyword arguments the optimality function accepts: passed to it and differentiated
         self.shared = [k for k in args[2] if keywords is None or k in keywords]
         self.has_aux, self.where, self.fn_name = has_aux, where, fn_name
@@ -214,9 +217,25 @@ class _Call:
 
         return G_theta
 
+    def signature(self, x_tensors: list[Tensor], tensors: tuple[Tensor, ...]) -> Any:
+        """What the structure of ``F(x*, θ)`` can depend on: the argument and solution structures,
+        the tensors' shapes, dtypes and devices, and the other (constant) leaves; None when a
+        constant is not hashable."""
+        constants = tuple(leaf for leaf in self.leaves if not isinstance(leaf, Tensor))
+        try:
+            hash(constants)
+        except TypeError:
+            return None
+        meta = tuple((t.shape, t.dtype, t.device) for t in (*tensors, *x_tensors))
+        return self.treespec, self.x_spec, tuple(self.x_is_tensor), meta, constants
+
     def check_residual(self, x_tensors: list[Tensor], tensors: tuple[Tensor, ...]) -> None:
         """Evaluate ``F(x*, θ)`` once: its structure must match the solution; with
-        ``check_optimality`` its norm must be small."""
+        ``check_optimality`` its norm must be small.  With ``check_optimality=False`` only the
+        structure is checked, once per :meth:`signature`."""
+        key = self.signature(x_tensors, tensors) if self.opts.check_optimality is False else None
+        if key is not None and key in self.checked:
+            return
         x = self.x_tree(x_tensors)
         _, params, _ = self.rebuild(tensors)
         try:
@@ -239,6 +258,10 @@ class _Call:
             )
         check = self.opts.check_optimality
         if check is False:
+            if key is not None:
+                if len(self.checked) >= 256:
+                    self.checked.clear()
+                self.checked.add(key)
             return
         dtype = x_tensors[0].dtype
         tol = _OPTIMALITY_TOL.get(dtype, 3e-2) if check is True else float(check)
@@ -394,9 +417,11 @@ def _wrap(
     if not callable(solver):
         raise TypeError(f"{where}(...) decorates a solver function solver(init, *params), got {type(solver).__name__}")
 
+    checked: set[Any] = set()
+
     @functools.wraps(solver)
     def wrapped(init: Any, *params: Any, **kwargs: Any) -> Any:
-        call = _Call(solver, residual, sign, opts, has_aux, where, fn_name, (init, params, kwargs), keywords)
+        call = _Call(solver, residual, sign, opts, has_aux, where, fn_name, (init, params, kwargs), keywords, checked)
         tensors = [call.leaves[i] for i in call.tensor_pos]
         out = _ImplicitSolve.apply(call, *tensors)
         x = call.x_tree(out[: call.n_x])
@@ -475,7 +500,9 @@ def custom_root(
             ``"raise"`` or ``"ignore"`` a linear solve that missed ``rtol`` or a solver output
             failing ``check_optimality``), ``check_optimality``
             (``True``: warn when ``||F(x*, θ)|| > tol · max(1, ||x*||)`` with ``tol = 1e-6`` in
-            float64, ``1e-3`` in float32; a number: that ``tol``; ``False``: off), ``M`` (cg: a
+            float64, ``1e-3`` in float32; a number: that ``tol``; ``False``: off, and the check
+            that ``F`` returns the structure of ``x``, which costs one evaluation of ``F``, runs
+            only on the first call with given argument structures, shapes and dtypes), ``M`` (cg: a
             symmetric positive-definite preconditioner ``≈ (A + ridge I)⁻¹``, a callable on flat
             ``(n,)`` vectors in the layout of ``x``, e.g. ``lambda r: r / diagonal`` (Jacobi);
             the same for the backward's ``Aᵀ``, so it must be symmetric).  Other keys go to a
@@ -484,7 +511,8 @@ def custom_root(
     Returns:
         A decorator; the decorated solver is called like the original, ``solver(init, *params,
         **kwargs)``, and returns ``x*`` (or ``(x*, aux)``) with the implicit derivative attached.
-        No state is kept between calls (each call saves ``x*`` and the params for its backward).
+        No state is kept between calls (each call saves ``x*`` and the params for its backward),
+        except, with ``check_optimality=False``, the argument signatures already checked.
     """
     if not callable(optimality_fn):
         raise TypeError(f"custom_root: optimality_fn must be callable F(x, *params), got {type(optimality_fn).__name__}")
