@@ -60,21 +60,25 @@ def rmpe(seq, reg):
 
 
 def paper_optimistic_amsgrad(x0, grads, lr, betas, eps, span, reg=1e-3):
-    """Algorithm 2 on a fixed gradient stream; returns the w_{t+1} and the w_{t+1/2} sequences."""
+    """Algorithm 2 on a fixed gradient stream; returns the w_{t+1} and the w_{t+1/2} sequences.
+    The second moment is that of the prediction errors, v_t = β₂ v_{t−1} + (1 − β₂)(g_t − m_t)²
+    (the authors' code, Optadam_torch.py: ``tmp = prev_predict_grad - grad``), m_1 = 0."""
     b1, b2 = betas
     theta, v, v_hat = torch.zeros_like(x0), torch.zeros_like(x0), torch.zeros_like(x0)
     w_half = x0.clone()  # w_{-1/2} = w_1
+    m = torch.zeros_like(x0)  # m_t, the guess of g_t
     ws, halves = [], []
     for t in range(len(grads)):
         g = grads[t]
         theta_prev = theta
         theta = b1 * theta + (1 - b1) * g
-        v = b2 * v + (1 - b2) * g * g
+        v = b2 * v + (1 - b2) * (g - m) ** 2
         v_hat = torch.maximum(v_hat, v)
         w_half = w_half - lr * theta / (v_hat.sqrt() + eps)
         window = grads[max(0, t - span + 1): t + 1]
         m_next = window[-1] if len(window) < 2 else rmpe(window, reg)  # guess of g_{t+1}
         h_next = b1 * theta_prev + (1 - b1) * m_next
+        m = m_next
         ws.append(w_half - lr * h_next / (v_hat.sqrt() + eps))
         halves.append(w_half.clone())
     return torch.stack(ws), torch.stack(halves)
@@ -90,20 +94,53 @@ def test_optimistic_amsgrad_matches_algorithm_2(span):
     close(opt.state[x]["half_param"], halves[-1], rtol=1e-12)
 
 
-@pytest.mark.parametrize("span", [1, 5])
-def test_half_iterates_are_amsgrad_on_a_fixed_gradient_stream(span):
-    """Gradients that do not depend on the point: w_{t+1/2} is exactly AMSGrad's iterate (any prediction)."""
+def test_half_iterates_are_amsgrad_with_a_zero_prediction():
+    """Gradients that do not depend on the point and m ≡ 0: the prediction errors are the
+    gradients, so w_{t+1/2} is exactly AMSGrad's iterate; with the default prediction the second
+    moment is that of the errors g_t − m_t and the half iterates differ from AMSGrad's."""
     x0, grads = x_init(), grad_stream((30,), 30, seed=2)
     kw = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.1)
-    x = x0.clone().requires_grad_()
-    y = x0.clone().requires_grad_()
-    opt, ams = OptimisticAMSGrad([x], span=span, **kw), AMSGrad([y], **kw)
+    x, y, z = (x0.clone().requires_grad_() for _ in range(3))
+    opt = OptimisticAMSGrad([x], predictor=lambda p, base, scale: torch.zeros_like(base), **kw)
+    ams, default = AMSGrad([y], **kw), OptimisticAMSGrad([z], **kw)
     for g in grads:
-        x.grad, y.grad = g.clone(), g.clone()
+        x.grad, y.grad, z.grad = g.clone(), g.clone(), g.clone()
         opt.step()
         ams.step()
+        default.step()
         close(opt.state[x]["half_param"], y.detach(), rtol=1e-13, atol=1e-15)
-    assert not torch.allclose(x, y)  # the evaluation point itself is optimistic
+    assert not torch.allclose(x, y)  # the evaluation point itself is optimistic (β₁ θ_{t−1} term)
+    assert not torch.allclose(default.state[z]["half_param"], y)
+
+
+def test_second_moment_tracks_the_prediction_errors():
+    """v_t = β₂ v_{t−1} + (1 − β₂)(g_t − m_t)² with m_t the prediction made at step t − 1 (recorded
+    from a predictor) and m_1 = 0; ``state["prediction"]`` holds the latest m_{t+1}."""
+    grads = grad_stream((12,), 15, seed=8)
+    made = []
+
+    def predictor(param, base, scale):
+        made.append(torch.sin(base) + 0.5 * base)  # any deterministic guess
+        return made[-1]
+
+    x = x_init((12,)).requires_grad_()
+    b2 = 0.9
+    opt = OptimisticAMSGrad([x], lr=1e-2, betas=(0.5, b2), predictor=predictor)
+    v, m = torch.zeros(12, dtype=DT), torch.zeros(12, dtype=DT)
+    for g in grads:
+        x.grad = g.clone()
+        opt.step()
+        v = b2 * v + (1 - b2) * (g - m) ** 2
+        m = made[-1]
+        close(opt.state[x]["exp_avg_sq"], v, rtol=1e-13)
+        close(opt.state[x]["prediction"], m, rtol=0)
+    # maximize: the prediction is stored in the minimisation convention, like the gradient
+    y = x_init((12,)).requires_grad_()
+    made.clear()
+    opt = OptimisticAMSGrad([y], lr=1e-2, betas=(0.5, b2), predictor=predictor, maximize=True)
+    y.grad = grads[0].clone()
+    opt.step()
+    close(opt.state[y]["prediction"], -made[-1], rtol=0)
 
 
 def test_optimistic_amsgrad_history_is_updated_incrementally(monkeypatch):
@@ -179,6 +216,16 @@ def test_optimistic_amsgrad_loads_state_saved_with_raw_gradients():
         opt.step()
         twin.step()
         assert torch.equal(x, y)
+    # state saved before the prediction was kept (second moment of the gradients): it starts at zero
+    older = copy.deepcopy(opt.state_dict())
+    del older["state"][0]["prediction"]
+    z = x.detach().clone().requires_grad_()
+    third = OptimisticAMSGrad([z], span=span, lr=1e-2)
+    third.load_state_dict(older)
+    assert torch.equal(third.state[z]["prediction"], torch.zeros_like(z))
+    z.grad = grads[0].clone()
+    third.step()
+    assert torch.isfinite(z).all()
 
 
 def test_beta1_zero_and_zero_prediction_is_amsgrad_on_a_real_loss():

@@ -17,13 +17,15 @@ __all__ = ["OptimisticAMSGrad", "optimistic_amsgrad_kernel", "extrapolation_weig
 Predictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def optimistic_amsgrad_kernel(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, half_param, *history, h,
-                              maximize: bool, predictor: Predictor | None = None) -> None:
+def optimistic_amsgrad_kernel(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, half_param, prediction, *history,
+                              h, maximize: bool, predictor: Predictor | None = None) -> None:
     """Reference Optimistic-AMSGrad step.
 
-    ``h = [lr, beta1, beta2, eps, weight_decay, c_0, ..., c_{span-1}]``; ``history`` holds the
-    last ``span`` raw gradients (ring buffer) and the predicted gradient is ``sum_k c_k history[k]``
-    (no history: the current gradient; ``predictor``: the callable's answer).
+    ``h = [lr, beta1, beta2, eps, weight_decay, w_0, ..., w_{span-1}]``; ``prediction`` holds
+    :math:`m_t`, the previous step's prediction of this step's gradient (zeros before the first
+    step), and receives :math:`m_{t+1}`; ``history`` is ``last_grad, diff_0, ..`` and the new
+    prediction is ``sum_k w_k history[k]`` (no history: the current gradient; ``predictor``: the
+    callable's answer).
     """
     lr, beta1, beta2, eps, wd = (h[i] for i in range(5))
     g = grad.to(h.dtype)
@@ -31,7 +33,8 @@ def optimistic_amsgrad_kernel(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, 
         g = -g
     m_prev = exp_avg.to(h.dtype)  # theta_{t-1}
     m = beta1 * m_prev + (1 - beta1) * g
-    v = exp_avg_sq.to(h.dtype) * beta2 + (1 - beta2) * g * g
+    err = g - prediction.to(h.dtype)  # g_t - m_t
+    v = exp_avg_sq.to(h.dtype) * beta2 + (1 - beta2) * err * err
     v_max = torch.maximum(max_exp_avg_sq.to(h.dtype), v)
     denom = v_max.sqrt() + eps
     half = half_param.to(h.dtype) * (1 - lr * wd) - lr * m / denom  # w_{t+1/2}
@@ -52,6 +55,7 @@ def optimistic_amsgrad_kernel(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, 
     exp_avg_sq.copy_(v)
     max_exp_avg_sq.copy_(v_max)
     half_param.copy_(half)
+    prediction.copy_(pred)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -92,19 +96,24 @@ class OptimisticAMSGrad(Optimizer):
 
     .. math::
         \theta_t &= \beta_1\theta_{t-1} + (1-\beta_1) g_t, \qquad
-            v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2, \qquad \hat v_t = \max(\hat v_{t-1}, v_t) \\
+            v_t = \beta_2 v_{t-1} + (1-\beta_2) (g_t - m_t)^2, \qquad \hat v_t = \max(\hat v_{t-1}, v_t) \\
         w_{t+\frac12} &= w_{t-\frac12}(1-\eta\lambda) - \eta\,\frac{\theta_t}{\sqrt{\hat v_t}+\epsilon} \\
         w_{t+1} &= w_{t+\frac12} - \eta\,\frac{h_{t+1}}{\sqrt{\hat v_t}+\epsilon}, \qquad
             h_{t+1} = \beta_1\theta_{t-1} + (1-\beta_1)\, m_{t+1}
 
-    where :math:`m_{t+1}` is the prediction of :math:`g_{t+1}` and :math:`w_{-\frac12} = w_1`
-    (the initial parameter).  :math:`h_{t+1}` uses :math:`\theta_{t-1}`, as written in the paper.
-    The half iterate :math:`w_{t+\frac12}` is plain AMSGrad driven by gradients taken at the
-    optimistic points :math:`w_t`: whenever the gradients do not depend on the point (a fixed
-    stream, linear losses) the half iterates are exactly :class:`~gradkit.optim.AMSGrad`'s
-    iterates, and with :math:`\beta_1 = 0` and :math:`m \equiv 0` the parameter itself follows
-    AMSGrad.  The paper's projections :math:`\Pi_{\mathcal K}` are left to the caller (project the
-    parameter and ``state["half_param"]``).
+    where :math:`m_{t+1}` is the prediction of :math:`g_{t+1}`, :math:`m_1 = 0` and
+    :math:`w_{-\frac12} = w_1` (the initial parameter).  :math:`h_{t+1}` uses :math:`\theta_{t-1}`,
+    as written in the paper.  The second moment is that of the *prediction errors*
+    :math:`g_t - m_t` (the quantity the paper's regret bound depends on; the authors' code,
+    ``Optadam_torch.py`` of github.com/Hintonthu/optimistic-amsgrad, forms it as
+    ``prev_predict_grad - grad``): the better the predictions, the smaller :math:`v_t`, while the
+    running maximum :math:`\hat v_t` keeps the denominators from shrinking.  With
+    :math:`m \equiv 0` (a ``predictor`` returning zeros) the half iterate :math:`w_{t+\frac12}` is
+    plain AMSGrad driven by gradients taken at the optimistic points :math:`w_t` (exactly
+    :class:`~gradkit.optim.AMSGrad`'s iterates when the gradients do not depend on the point), and
+    with :math:`\beta_1 = 0` as well the parameter itself follows AMSGrad.  The paper's
+    projections :math:`\Pi_{\mathcal K}` are left to the caller (project the parameter and
+    ``state["half_param"]``).
 
     **Prediction** (the paper's gradient extrapolation): :math:`m_{t+1}` is extrapolated from the
     last ``span`` gradients :math:`g_{t-r}, \ldots, g_t` (:math:`r` = ``span - 1``) with the
@@ -122,6 +131,13 @@ class OptimisticAMSGrad(Optimizer):
     (negated internally when ``maximize=True``), runs on the per-tensor path, sees real views of
     complex parameters, and is not saved in ``state_dict``.
 
+    **The authors' code** (``Optadam_torch.py``, commit 9f20073) differs where we follow the
+    paper's description: it extrapolates the last ``span`` *iterates* and takes the predicted
+    gradient from a second copy of the network placed at the extrapolated point (one more forward
+    and backward pass per step, which a drop-in optimizer cannot take; a ``predictor`` can),
+    applies Adam's bias corrections to both steps, adds the weight decay to the gradient and
+    regularises RMPE by an absolute 1e-3.
+
     Symbols: :math:`\eta` = ``lr`` (the paper's :math:`\eta_{t+1}` in the second step is the
     current ``lr``), :math:`(\beta_1, \beta_2)` = ``betas``, :math:`\epsilon` = ``eps`` (the
     paper starts from :math:`\hat v_0 = \epsilon`; we add it to the denominator as
@@ -130,11 +146,12 @@ class OptimisticAMSGrad(Optimizer):
     are the authors' experiments: lr 1e-3, betas (0.9, 0.99).
 
     State: ``exp_avg`` (:math:`\theta`), ``exp_avg_sq`` (:math:`v`), ``max_exp_avg_sq``
-    (:math:`\hat v`), ``half_param`` (:math:`w_{t+1/2}`) and, for ``span >= 2``, the gradient
+    (:math:`\hat v`), ``half_param`` (:math:`w_{t+1/2}`), ``prediction`` (:math:`m_{t+1}`, in the
+    minimisation convention) and, for ``span >= 2``, the gradient
     history as the last gradient ``last_grad`` and a ring buffer ``diff_0 .. diff_{span-2}`` of
     successive differences (the columns of :math:`U`; 16-bit parameters store them rounded to
-    their dtype): ``4 + span`` tensors of the parameter's dtype (36 bytes per float32 parameter
-    with the default span 5; ``span=1`` needs 16).  Per step the history costs one subtraction
+    their dtype): ``5 + span`` tensors of the parameter's dtype (40 bytes per float32 parameter
+    with the default span 5; ``span=1`` needs 20).  Per step the history costs one subtraction
     and ``span - 1`` dot products per tensor; the extrapolation reads the Gram matrix back to the
     host once per step, group and device.
     """
@@ -163,8 +180,9 @@ class OptimisticAMSGrad(Optimizer):
                             "predictor(param, base, scale) -> predicted gradient")
         self.span = span
         self.predictor = predictor
-        self.state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "half_param") + (
-            ("last_grad",) + tuple(f"diff_{k}" for k in range(span - 1)) if span > 1 and predictor is None else ())
+        self._extrapolates = span > 1 and predictor is None
+        self.state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "half_param", "prediction") + (
+            ("last_grad",) + tuple(f"diff_{k}" for k in range(span - 1)) if self._extrapolates else ())
         self._weights: dict[int, dict[int, list[float]]] = {}
         self._dot_cache: dict[int, tuple] = {}  # id(param) -> (key, flat views, dots, step, weakref)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, reg=reg),
@@ -179,12 +197,15 @@ class OptimisticAMSGrad(Optimizer):
         state["half_param"] = p.detach().clone(memory_format=torch.preserve_format)  # w_{-1/2} = w_1
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As :meth:`torch.optim.Optimizer.load_state_dict`; state saved before the history became
-        differences (a ring ``grad_0 .. grad_{span-1}`` of raw gradients) is converted: the last
-        gradient and the successive differences of the stored ones, in their ring slots."""
+        """As :meth:`torch.optim.Optimizer.load_state_dict`; state saved by earlier versions is
+        converted: without ``prediction`` (the second moment was then that of the gradients) the
+        last prediction starts at zero; a ring ``grad_0 .. grad_{span-1}`` of raw gradients becomes
+        the last gradient and the successive differences of the stored ones, in their ring slots."""
         super().load_state_dict(state_dict)
         ring = self.span - 1
         for st in self.state.values():
+            if "exp_avg" in st and "prediction" not in st:
+                st["prediction"] = torch.zeros_like(st["exp_avg"])
             if "grad_0" not in st:
                 continue
             raw = [st.pop(f"grad_{k}") for k in range(self.span)]
@@ -204,7 +225,7 @@ class OptimisticAMSGrad(Optimizer):
     def _hyper(self, group: dict[str, Any], step: int) -> list[float]:
         b1, b2 = group["betas"]
         h = [as_float(group["lr"]), b1, b2, group["eps"], group["weight_decay"]]
-        if len(self.state_names) > 4:
+        if self._extrapolates:
             h += self._weights[id(group)][step]
         return h
 
@@ -220,7 +241,7 @@ class OptimisticAMSGrad(Optimizer):
         self._dot_cache = {}
 
     def _step_group(self, group: dict[str, Any]) -> None:
-        if len(self.state_names) > 4:
+        if self._extrapolates:
             self._extrapolate(group)
         super()._step_group(group)
 
