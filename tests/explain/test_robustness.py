@@ -1,8 +1,9 @@
 """Attribution robustness: similarity measures (scipy as the peer for the rank correlations), the
 attribution attack, the IGR penalty (hand-computed cases, gradients by finite differences), the
 uniform-ball smoothing certificate (exact volumes, a bounded attribution that attains it, PGD on a
-trained model) and the first-order deviation bound (exact and attained on quadratic models,
-first-order accurate on a trained tanh network)."""
+trained model) and the deviation bound (first order: exact and attained on quadratic models,
+first-order accurate on a trained tanh network; certified: interval Hessian bounds that contain
+the Hessian in the whole ball and are exact for one unit, never beaten by PGD)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from scipy import stats
 from torch import nn
 
 from gradkit.explain import robustness as rb
+from gradkit.explain._hessian_interval import hessian_interval
 from gradkit.explain.saliency import saliency
 from gk_testing import one_thread, randn  # noqa: F401  (autouse fixture: one torch thread)
 
@@ -285,6 +287,102 @@ def test_first_order_bound_on_a_trained_tanh_network_is_first_order_accurate(tra
                                        seed=0, keep_prediction=False)
         excess.append(float((attack.dissimilarity / bound.distance - 1).max()))
     assert excess[0] < 0.3 and excess[1] <= 0.6 * excess[0] + 1e-3, excess
+
+
+@pytest.mark.parametrize("act", [nn.Tanh, nn.Sigmoid])
+def test_hessian_interval_contains_the_hessian_everywhere_in_the_ball(act, trained):
+    """The elementwise bounds hold at random points of the ℓ2 and ℓ∞ balls and on their
+    boundary, are exact at eps = 0, and shrink with eps."""
+    if act is nn.Tanh:
+        model, x, labels = trained
+    else:
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3, 8), act(), nn.Linear(8, 8), act(), nn.Linear(8, 2)).to(DTYPE)
+        x, labels = randn(3, 3, seed=2), torch.tensor([0, 1, 1])
+    jac = rb.attribution_jacobian(model, x, labels)
+    low, high = hessian_interval(model, x, labels, 0.0, "l2")
+    torch.testing.assert_close(low, jac, rtol=0, atol=1e-13)
+    torch.testing.assert_close(high, jac, rtol=0, atol=1e-13)
+    g = torch.Generator().manual_seed(0)
+    widths = []
+    for eps in (0.2, 0.05):
+        for norm in ("l2", "linf"):
+            low, high = hessian_interval(model, x, labels, eps, norm)
+            widths.append(float((high - low).max()))
+            for k in range(40):
+                d = torch.randn(x.shape, generator=g, dtype=DTYPE)
+                if norm == "l2":
+                    d = eps * d / d.norm(dim=1, keepdim=True) * (1.0 if k % 4 == 0 else torch.rand(len(x), 1, generator=g, dtype=DTYPE))
+                else:
+                    d = eps * (d.sign() if k % 4 == 0 else 2 * torch.rand(x.shape, generator=g, dtype=DTYPE) - 1)
+                inner = rb.attribution_jacobian(model, x + d, labels)
+                assert bool(((inner >= low - 1e-12) & (inner <= high + 1e-12)).all()), (eps, norm, k)
+    assert widths[2] < 0.5 * widths[0] and widths[3] < 0.5 * widths[1]
+
+
+@pytest.mark.parametrize("act", [nn.Tanh, nn.Sigmoid])
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_hessian_interval_is_exact_for_one_unit(act, norm):
+    """f(x) = a σ(wᵀx + b): ∇²f = a σ''(p) w wᵀ, and over the ball p = wᵀz + b fills
+    [p₀ − ε‖w‖_*, p₀ + ε‖w‖_*] (‖·‖_* the dual norm), so the bounds are the exact extremes of
+    a σ''(p) w_i w_j over that range, which holds an extremum of σ''."""
+    w, a, eps = torch.tensor([[1.0, -2.0]], dtype=DTYPE), 1.5, 0.3
+    model = nn.Sequential(nn.Linear(2, 1), act(), nn.Linear(1, 1)).to(DTYPE)
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+        model[0].bias.fill_(0.2 if act is nn.Tanh else -1.0)
+        model[2].weight.fill_(a)
+    x = torch.tensor([[0.4, 0.1]], dtype=DTYPE)
+    low, high = hessian_interval(model, x, None, eps, norm)
+    p0 = float(model[0](x).detach())
+    reach = eps * float(w.norm() if norm == "l2" else w.abs().sum())
+    p = torch.linspace(p0 - reach, p0 + reach, 200001, dtype=DTYPE)
+    t = torch.tanh(p) if act is nn.Tanh else torch.sigmoid(p)
+    second = -2 * t * (1 - t**2) if act is nn.Tanh else t * (1 - t) * (1 - 2 * t)
+    values = a * second[:, None, None] * (w.T @ w)
+    torch.testing.assert_close(low[0], values.amin(0), rtol=0, atol=1e-9)
+    torch.testing.assert_close(high[0], values.amax(0), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_certified_bound_is_never_beaten_and_tends_to_the_first_order_bound(norm, trained):
+    """certified=True: PGD (three restarts, 30 steps, prediction free to change) never exceeds the
+    distance certificate nor goes below the cosine certificate, where the first-order estimate is
+    beaten (test above); the certificate approaches the first-order bound as eps → 0."""
+    model, x, labels = trained
+    for eps in ((0.1, 0.05, 0.025) if norm == "l2" else (0.05, 0.025)):
+        bound = rb.deviation_bound(model, x, labels, eps=eps, norm=norm, certified=True)
+        first = rb.deviation_bound(model, x, labels, eps=eps, norm=norm)
+        assert bool((bound.distance >= first.distance).all())
+        far = rb.attribution_attack(model, x, labels, eps=eps, norm=norm, objective="distance", steps=30, restarts=3,
+                                    seed=0, keep_prediction=False)
+        assert bool((far.dissimilarity <= bound.distance).all()), (eps, far.dissimilarity, bound.distance)
+        turned = rb.attribution_attack(model, x, labels, eps=eps, norm=norm, objective="cosine", steps=30, restarts=3,
+                                       seed=0, keep_prediction=False)
+        assert bool((1 - turned.dissimilarity >= bound.cosine).all())
+    tiny = 1e-4
+    ratio = (rb.deviation_bound(model, x, labels, eps=tiny, norm=norm, certified=True).distance
+             / rb.deviation_bound(model, x, labels, eps=tiny, norm=norm).distance)
+    assert bool((ratio < 1.01).all()), ratio
+
+
+def test_certified_bound_refuses_what_it_cannot_bound(trained):
+    model, x, labels = trained
+    with pytest.raises(ValueError, match="saliency"):
+        rb.deviation_bound(model, x, labels, eps=0.1, certified=True, attribution=functools.partial(saliency, abs=True))
+    with pytest.raises(ValueError, match="not a callable"):
+        rb.deviation_bound(model, x, lambda out: out[:, 0], eps=0.1, certified=True)
+    relu = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 3)).to(DTYPE)
+    with pytest.raises(TypeError, match=r"1 \(ReLU\)"):
+        rb.deviation_bound(relu, x, labels, eps=0.1, certified=True)
+    with pytest.raises(TypeError, match="nn.Sequential"):
+        rb.deviation_bound(Quadratic(2), x, None, eps=0.1, certified=True)
+    handle = model[1].register_forward_hook(lambda m, a, out: out)
+    try:
+        with pytest.raises(ValueError, match="hooks"):
+            rb.deviation_bound(model, x, labels, eps=0.1, certified=True)
+    finally:
+        handle.remove()
 
 
 def test_bound_errors():

@@ -32,6 +32,7 @@ from gradkit.explain._common import (
     eval_mode,
     sweep,
 )
+from gradkit.explain._hessian_interval import check_chain, hessian_interval
 from gradkit.explain.integrated import integrated_gradients
 from gradkit.explain.saliency import saliency
 from gradkit.explain.smooth import _noisy_points
@@ -458,6 +459,7 @@ def deviation_bound(
     eps: float,
     norm: str = "l2",
     attribution: Attribution = saliency,
+    certified: bool = False,
 ) -> DeviationBound:
     """First-order worst-case attribution deviation (after Wang & Kong 2023, "A Practical Upper
     Bound for the Worst-Case Attribution Deviations", CVPR, arXiv:2303.00340): linearising the
@@ -475,21 +477,43 @@ def deviation_bound(
     prediction constraint (which only shrinks the feasible set).  It is exact when the
     attribution is affine in ``x`` (a quadratic model's gradient) and a first-order
     approximation otherwise: a nonlinear attribution can exceed it by ``O(ε²)`` (measured in the
-    tests).
+    tests: up to 13 % at ε = 0.05 on a trained tanh MLP).
+
+    ``certified=True`` (saliency of a chain of ``Linear`` / ``Tanh`` / ``Sigmoid`` layers, an index
+    target; our addition) makes it a certificate: elementwise bounds ``L ≤ ∇²f(z) ≤ U`` valid for
+    every ``z`` in the ball come from interval arithmetic on the second-order forward pass (see
+    :mod:`gradkit.explain._hessian_interval`), and the mean value theorem gives
+    ``‖φ(x+δ) − φ(x)‖₂ ≤ ε (‖C‖₂ + ‖R‖₂)`` with ``C = (U + L)/2``, ``R = (U − L)/2`` (ℓ∞:
+    ``ε min(√F (‖C‖₂ + ‖R‖₂), ‖max(|L|, |U|) 1‖₂)``).  It tends to the first-order bound as
+    ``ε → 0``; on the test MLP it is 1.1–1.9× the strongest PGD deviation for ε = 0.0125–0.05.
     """
     if norm not in ("l2", "linf"):
         raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
     eps = check_float(eps, "eps")
     inputs = check_inputs(inputs).detach()
+    if certified:
+        if attribution is not saliency:
+            raise ValueError("certified=True bounds the saliency map (attribution=saliency) only")
+        if callable(target) and not isinstance(target, Tensor):
+            raise ValueError("certified=True needs a class index or a tensor of indices as target, not a callable")
+        with eval_mode(model):
+            check_chain(model)  # before the Jacobian: unsupported models fail with the clear error
     jac = attribution_jacobian(model, inputs, target, attribution)
     with eval_mode(model):
         phi = attribution(model, inputs, target).detach().reshape(inputs.shape[0], -1)
     spectral = torch.linalg.matrix_norm(jac, ord=2)
-    if norm == "l2":
-        distance = eps * spectral
+    if certified:
+        with eval_mode(model):
+            low, high = hessian_interval(model, inputs, check_target(target, inputs.shape[0]), eps, norm)
+        sup_norm = torch.linalg.matrix_norm((high + low) / 2, ord=2) + torch.linalg.matrix_norm((high - low) / 2, ord=2)
+        entries = torch.maximum(low.abs(), high.abs())
     else:
-        rows = jac.abs().sum(2).norm(dim=1)
-        distance = eps * torch.minimum(math.sqrt(jac.shape[1]) * spectral, rows)
+        sup_norm, entries = spectral, jac.abs()
+    if norm == "l2":
+        distance = eps * sup_norm
+    else:
+        rows = entries.sum(2).norm(dim=1)
+        distance = eps * torch.minimum(math.sqrt(jac.shape[1]) * sup_norm, rows)
     ratio = distance / phi.norm(dim=1).clamp_min(1e-300)
     cosine = torch.where(ratio < 1, (1 - ratio.clamp(max=1).square()).sqrt(), torch.full_like(ratio, -1.0))
     return DeviationBound(distance, cosine, spectral)
