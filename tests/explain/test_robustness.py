@@ -312,7 +312,8 @@ def test_hessian_interval_contains_the_hessian_everywhere_in_the_ball(act, train
             for k in range(40):
                 d = torch.randn(x.shape, generator=g, dtype=DTYPE)
                 if norm == "l2":
-                    d = eps * d / d.norm(dim=1, keepdim=True) * (1.0 if k % 4 == 0 else torch.rand(len(x), 1, generator=g, dtype=DTYPE))
+                    scale = 1.0 if k % 4 == 0 else torch.rand(len(x), 1, generator=g, dtype=DTYPE)
+                    d = eps * d / d.norm(dim=1, keepdim=True) * scale
                 else:
                     d = eps * (d.sign() if k % 4 == 0 else 2 * torch.rand(x.shape, generator=g, dtype=DTYPE) - 1)
                 inner = rb.attribution_jacobian(model, x + d, labels)
