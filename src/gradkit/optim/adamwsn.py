@@ -39,8 +39,9 @@ def subset_layout(shape: torch.Size | tuple[int, ...], subset_size: int | str) -
     * ``"all"``: a single subset (AdaGrad-Norm);
     * an int ``s > 0``: contiguous chunks of the flattened tensor of size the largest divisor of
       ``numel`` not above ``s`` (``1`` = one subset per coordinate, AdaGrad/Adam);
-    * an int ``-c < 0``: the same with ``s = int(sqrt(numel) / c)`` (the reference code's and
-      pytorch-optimizer's ``subset_size=-1`` default).
+    * an int ``-c < 0``: the same with ``s = int(sqrt(numel) / c)`` (pytorch-optimizer's
+      ``subset_size=-1`` default and the authors' README; their code, timmytonga/sn-sm
+      ``adamw_sng.py``, defaults to ``-2``).
     """
     n = math.prod(shape)
     mat = len(shape) >= 2
@@ -126,7 +127,9 @@ class AdamWSN(PerTensorOptimizer):
 
     (:math:`P g` is :math:`G P^\top` or :math:`P G` depending on the side).  When :math:`P` is
     recomputed (steps :math:`1, T+1, 2T+1, \dots`) the momentum is reset to zero, as in the
-    authors' code; tensors with fewer than 2 dimensions, ``rank=None`` or ``rank`` >= the smaller
+    authors' code (timmytonga/sn-sm ``subspace_momentum.py``, commit afec62a, which refreshes at
+    steps :math:`1, T, 2T, \dots` and starts using the zeroed buffer one step late; we refresh
+    every :math:`T` steps from the first); tensors with fewer than 2 dimensions, ``rank=None`` or ``rank`` >= the smaller
     dimension use ordinary full momentum :math:`m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t`,
     :math:`u_t = m_t` (the subspace would be everything), and :math:`\beta_1 = 0` keeps no
     momentum (:math:`u_t = g_t`).
@@ -140,7 +143,11 @@ class AdamWSN(PerTensorOptimizer):
     :math:`\sqrt{v}` before the bias correction, as in the authors' code.  Defaults: betas
     (0.9, 0.999), eps 1e-6, subset_size ``"heuristic"``, rank 128 and update_proj_gap 200 (the
     authors' code and example scripts); lr 1e-3 (the authors advise about 10x Adam's learning rate
-    with these subsets) and weight_decay 0.
+    with these subsets) and weight_decay 0.  The authors apply Subset-Norm and Subspace-Momentum to
+    ``nn.Linear`` weights only (embeddings and the rest get Adam); an optimizer sees tensors, not
+    modules, so here every tensor with two or more dimensions gets them: put embeddings in a group
+    with ``subset_size=1, rank=None`` (Adam) to match.  Their AdaGrad configuration
+    (:math:`\beta_2 = 1`) runs with ``bias_correction=False``.
 
     State per parameter: ``exp_avg`` (full shape, or :math:`N \times k` in the subspace),
     ``exp_avg_sq`` (one value per subset) and, with Subspace-Momentum, ``projector``

@@ -313,7 +313,11 @@ class GradES:
     across matrix sizes; not in the paper).  ``W`` is frozen when ``G_t(W) < τ`` at ``patience``
     consecutive calls after the grace period, i.e. with ``t > ⌊α·T⌋`` (the reference code allows
     freezing once ``⌊α·T⌋`` optimizer steps are complete).  ``patience=1`` is the paper (freeze at
-    the first such step).  :attr:`stop` becomes True once every monitored matrix is frozen
+    the first such step).  The reference code (IXZZZ9/GradES ``grades/gradient_early_stopping.py``,
+    commit fe06b6d; ``statistic="update"``, sum reduction, τ 1e-4, α 0.3) monitors only the
+    attention and MLP projections of a transformer, each module with its bias; here every matrix
+    given is monitored on its own (a module: each trainable parameter with two or more
+    dimensions), so pass those projection weights to match it.  :attr:`stop` becomes True once every monitored matrix is frozen
     (the paper then ends training).
 
     Freezing (as in the paper's code) sets ``requires_grad_(False)`` on the matrix — backward no
