@@ -24,7 +24,7 @@ from gradkit.explain.local_approximation import Faithfulness, Neighbourhood, loc
 from gradkit.explain.roar import DiffRoar, block_digits, diffroar
 from gradkit.explain.fullgrad import FullGradDecomposition, fullgrad, fullgrad_decomposition
 from gradkit.explain.lrp import RULE_NAMES, AlphaBeta, Epsilon, Gamma, Rule, Zero, ZBox, ZPlus, lrp, lrp_relevances
-from gradkit.explain.patching import activation_patching, attribution_patching, relevance_patching
+from gradkit.explain.patching import activation_patching, attribution_patching, identity_rule, relevance_patching
 from gradkit.explain.perturbation import kernel_shap, lime, occlusion
 from gradkit.explain.robustness import (
     Attack,
@@ -66,7 +66,7 @@ __all__ = [
     "grad_cam", "hires_cam", "grad_cam_pp", "smooth_grad_cam_pp",
     "fullgrad", "fullgrad_decomposition", "FullGradDecomposition",
     "lrp", "lrp_relevances", "Rule", "Zero", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "RULE_NAMES",
-    "activation_patching", "attribution_patching", "relevance_patching",
+    "activation_patching", "attribution_patching", "relevance_patching", "identity_rule",
     # perturbation baselines
     "occlusion", "lime", "kernel_shap",
     # evaluation (neighbourhood constructors: gradkit.explain.local_approximation.gaussian, .path, ...)

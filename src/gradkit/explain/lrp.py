@@ -12,7 +12,9 @@ each layer.  Every rule for an affine layer ``z_k = Σ_j a_j w_jk + b_k`` has th
     c = ρ(W)^T s, \\quad R_{in} = a ⊙ c
 
 and ``c`` is the *LRP coefficient* that :func:`~gradkit.explain.patching.relevance_patching` uses in
-place of the gradient.
+place of the gradient.  (For models that are not such a chain, e.g. transformers, relevance
+patching computes ``c`` for LRP-0 by a backward pass through the model with the rules' quantities
+held constant instead; see its docstring.)
 
 Supported layers: ``Linear``, ``Conv1d/2d/3d`` (rules below); BatchNorm (folded, eval mode);
 ``MaxPool`` (winner-take-all: relevance routed to the maximum), ``AvgPool`` /
@@ -60,6 +62,7 @@ __all__ = [
     "lrp_relevances",
     "lrp_propagate",
     "LRPChunk",
+    "secant_slope",
 ]
 
 _TINY = 1e-9  # stabiliser of the γ rule, z + _TINY·sign(z), as the "+1e-9" of Montavon et al.'s tutorial code
@@ -339,6 +342,13 @@ def _div(r: Tensor, z: Tensor, eps: float | None) -> Tensor:
     return r / (z + eps * _sign0(z))
 
 
+def secant_slope(a_in: Tensor, a_out: Tensor) -> Tensor:
+    """``σ(a)/a`` of an element-wise activation ``a_out = σ(a_in)``, 0 where ``a_in = 0``: the factor
+    of the identity rule (relevance passes unchanged, ``R_in = R_out``), which with ``R = a ⊙ c``
+    sends the LRP coefficient back as ``c_in = c_out · σ(a)/a`` instead of ``c_out · σ'(a)``."""
+    return _div(a_out, a_in, None)
+
+
 def _vjp(fn: Callable[[Tensor], Tensor], a: Tensor, s: Tensor) -> Tensor:
     """``(∂fn/∂a)ᵀ s`` of a linear map ``fn``."""
     with torch.enable_grad():
@@ -415,7 +425,7 @@ def _step_back(step: _Step, a_in: Tensor, a_out: Tensor, r: Tensor, c: Tensor, e
     if step.kind == "identity":
         return r, c
     if step.kind == "pass":  # identity rule: R passes; R = a ⊙ c gives c_in = c_out · σ(a)/a
-        return r, c * _div(a_out, a_in, None)
+        return r, c * secant_slope(a_in, a_out)
     if step.kind == "flatten":
         return r.reshape(a_in.shape), c.reshape(a_in.shape)
     with torch.enable_grad():
