@@ -147,6 +147,32 @@ def test_igr_penalty_gradient_flows_to_the_parameters_and_matches_finite_differe
         assert abs(numeric - float(weight.grad[index])) < 1e-6 * max(1.0, abs(numeric))
 
 
+def test_igr_penalty_with_a_detached_natural_attribution():
+    """detach_natural=True (the replication's choice): the same value, and the parameter gradient
+    is that of 1 − cos(c, IG(x')) with c = IG(x) a constant."""
+    from gradkit.explain import integrated_gradients
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DTYPE)
+    x, labels = randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    x2 = x + 0.3 * randn(5, 4, seed=9)
+    full = rb.igr_penalty(model, x, x2, labels, steps=8)
+    half = rb.igr_penalty(model, x, x2, labels, steps=8, detach_natural=True)
+    torch.testing.assert_close(half, full, rtol=1e-13, atol=0)
+    def grad(value):  # the last bias does not enter an input gradient
+        weights = [model[0].weight, model[0].bias, model[2].weight]
+        return torch.autograd.grad(value, weights)
+
+    grads = grad(half)
+    const = integrated_gradients(model, x, labels, steps=8).detach()
+    moved = integrated_gradients(model, x2, labels, steps=8, create_graph=True)
+    expected = grad((1 - rb.cosine_similarity(const, moved)).mean())
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    full_grads = grad(rb.igr_penalty(model, x, x2, labels, steps=8))
+    assert max(float((a - b).abs().max()) for a, b in zip(grads, full_grads)) > 1e-6
+
+
 # ------------------------------------------------------------------- uniformly smoothed attributions
 def test_uniform_ball_noise_is_uniform_in_the_ball():
     """‖η‖ ≤ r, E η = 0, E ηηᵀ = r²/(F+2) I (uniform in the F-ball), within 5 standard errors."""

@@ -280,6 +280,7 @@ def igr_penalty(
     baselines: Tensor | float | None = None,
     steps: int = 16,
     rule: str = "gausslegendre",
+    detach_natural: bool = False,
 ) -> Tensor:
     """The IGR regulariser (Wang & Kong 2022, "Exploiting the Relationship Between Kendall's Rank
     Correlation and Cosine Similarity for Attribution Protection", arXiv:2205.07279): the paper
@@ -294,14 +295,18 @@ def igr_penalty(
     (``create_graph=True``), so ``loss = cross_entropy + λ R`` can be backpropagated to the
     parameters.  We could read only the abstract's statement of the objective (maximise the
     cosine similarity of natural and perturbed IG attributions), not the paper's exact training
-    loss; λ and the choice of ``x'`` are the caller's.  Note that the explainers switch the model
+    loss; λ and the choice of ``x'`` are the caller's.  A third-party replication
+    (DinasAba/IGR_tool, ``src/train.py`` at commit 5d3b0e4) adds ``λ R`` with ``λ = 1`` to an
+    adversarial-training loss, takes ``x'`` as that training's PGD example and detaches ``IG(x)``
+    (``detach_natural=True``: no gradient through ``IG(x)``).  Note that the explainers switch the model
     to eval mode while they run (see :mod:`gradkit.explain._common`).
     """
     inputs = check_inputs(inputs)
     perturbed = check_inputs(perturbed, "perturbed")
     if perturbed.shape != inputs.shape:
         raise ValueError(f"perturbed must have the shape of inputs {tuple(inputs.shape)}, got {tuple(perturbed.shape)}")
-    natural = integrated_gradients(model, inputs, target, baselines=baselines, steps=steps, rule=rule, create_graph=True)
+    natural = integrated_gradients(model, inputs, target, baselines=baselines, steps=steps, rule=rule,
+                                   create_graph=not detach_natural)
     moved = integrated_gradients(model, perturbed, target, baselines=baselines, steps=steps, rule=rule, create_graph=True)
     return (1 - cosine_similarity(natural, moved)).mean()
 
