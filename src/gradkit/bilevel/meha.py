@@ -106,6 +106,17 @@ def meha(
     to us, so these are values that solve the two toy problems in ``tests/bilevel`` and are
     safe for lower levels with ``L``-smooth ``f``, ``L <= 10``.  Smaller steps for stiffer problems.
 
+    The authors' scripts (github.com/LiuZhu-CV/MEHA, commit 3078fbc: ``non_convex/
+    non_convex_1dim.py``, ``merely_convex/MEHA.py``, ``non_smooth_case1/``) differ in
+    conventions: they weight the upper objective by ``c_k`` (descending ``c_k F + φ − v_γ`` with
+    ``c_k`` increasing), where the same group's BOAT library and this implementation use
+    ``F / c_k``; they start from ``θ_0 = 0``; the nonconvex script updates ``y`` at ``x_{k+1}``
+    as here, the merely convex one updates ``y`` first; and each script has its own constants
+    (e.g. nonconvex: ``η = 0.001``, ``1/γ = 0.005``, ``c₀ = 50``, ``p = 0.48``, steps ``5e-4``,
+    from ``x_0 = −6``; merely convex: ``η = 0.009``, ``1/γ = 0.2``, ``c₀ = 0.6``, ``p = 0.49``).
+    Their nonconvex toy is :class:`tests.bilevel.problems.MEHAToyNonconvex` with ``n = 1``,
+    ``c = 2`` (``x* = 3π/4``); the tests use ``n = 2`` and random ``c``.
+
     Returns:
         :class:`~gradkit.bilevel._solver_base.BilevelResult` with ``state = {"theta"}`` and
         history keys ``"upper"``, ``"lower"`` (``F`` and ``φ`` at ``(x_k, y_k)``),
