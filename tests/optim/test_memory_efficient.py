@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gradkit.optim.adamwsn import AdamWSN, subset_layout
-from gradkit.optim.frugal import FRUGAL
+from gradkit.optim.frugal import FRUGAL, block_selection
 from gradkit.optim.microadam import TOPK_BLOCK, MicroAdam, dequantize_4bit, quantize_4bit
 
 DT = torch.float64
@@ -173,37 +173,37 @@ def test_microadam_layout_cannot_change():
 # ==============================================================================================
 # FRUGAL
 # ==============================================================================================
-FRUGAL_SHAPES = [(9, 5), (4, 7), (3, 2, 4), (6,)]  # tall, wide, 3-D (as 3 x 8), and a vector (AdamW)
+FRUGAL_SHAPES = [(9, 5), (4, 7), (3, 2, 4), (6,), (5, 2)]  # tall, wide, 3-D (as 3 x 8), a vector (AdamW), wide
 ADAM_KW = dict(lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1)
+ORDERS = ["random", "ascending", "descending", "mirror"]
 
 
-@pytest.mark.parametrize("projector", ["blocks", "random"])
-def test_frugal_density_one_is_adamw(projector):
-    """rho = 1 with a coordinate projector: the free part is empty and the update is AdamW's."""
-    stream = grads(FRUGAL_SHAPES, 25)
+@pytest.mark.parametrize("projector, order", [("blocks", o) for o in ORDERS] + [("columns", "random"), ("random", "random")])
+def test_frugal_density_one_is_adamw_restarted_at_each_refresh(projector, order):
+    """rho = 1 with a coordinate or block projector: every matrix takes AdamW's steps, with AdamW's
+    state cleared at steps 1, 8, 15, 22 (the paper's reset); the vector is plain AdamW throughout."""
+    T, stream = 7, grads(FRUGAL_SHAPES, 25)
     a, b = params(FRUGAL_SHAPES), params(FRUGAL_SHAPES)
-    ours = run(FRUGAL(a, density=1.0, update_gap=100, projector=projector, seed=0, **ADAM_KW), a, stream)
-    ref = run(torch.optim.AdamW(b, **ADAM_KW), b, stream)
-    close(ours, ref, rtol=1e-13)
-
-
-def test_frugal_state_is_reset_at_every_refresh():
-    """rho = 1, T = 7: AdamW whose state is cleared at steps 1, 8, 15, 22 (the paper's reset)."""
-    stream = grads([(6, 4)], 24)
-    a, b = params([(6, 4)]), params([(6, 4)])
-    opt = FRUGAL(a, density=1.0, update_gap=7, **ADAM_KW)
+    opt = FRUGAL(a, density=1.0, update_gap=T, projector=projector, block_order=order, seed=0, **ADAM_KW)
+    vector = torch.optim.AdamW([b[3]], **ADAM_KW)
     for t, gs in enumerate(stream):
-        if t % 7 == 0:
-            ref = torch.optim.AdamW(b, **ADAM_KW)  # fresh state
-        a[0].grad, b[0].grad = gs[0].clone(), gs[0].clone()
+        if t % T == 0:
+            mats = [torch.optim.AdamW([q], **ADAM_KW) for q in b if q.dim() >= 2]  # fresh state
+        for p, q, g in zip(a, b, gs):
+            p.grad, q.grad = g.clone(), g.clone()
         opt.step()
-        ref.step()
-        st = opt.state[a[0]]
-        assert st["adam_step"] == t % 7 + 1 and st["refresh"] == t // 7 + 1
+        vector.step()
+        for ref in mats:
+            ref.step()
+        for p in a:
+            if p.dim() >= 2:
+                st = opt.state[p]
+                assert st["adam_step"] == t % T + 1 and st["refresh"] == t // T + 1
+                assert st.get("active", True)
     close(a, b, rtol=1e-13)
 
 
-@pytest.mark.parametrize("projector", ["blocks", "random", "svd"])
+@pytest.mark.parametrize("projector", ["blocks", "columns", "random", "svd"])
 @pytest.mark.parametrize("complement", ["sign", "sgd"])
 def test_frugal_density_zero_is_signsgd(projector, complement):
     """rho = 0: theta <- theta (1 - lr wd) - lr kappa sign(g) (or g for SGD); nothing is stored."""
@@ -220,7 +220,248 @@ def test_frugal_density_zero_is_signsgd(projector, complement):
     assert opt.state_bytes() == 0
 
 
-def paper_frugal_blocks(x0, stream, lr, betas, eps, wd, rho, T):
+# -- the paper's block projector (whole tensors) ---------------------------------------------------
+def authors_block_orders(order, n, k, refreshes):
+    """The active positions at each refresh, written as the authors' ``BlockOptimizer._update_states``
+    runs them (frugal/proj_optimizer_templates.py): a ``next_block_start`` carried from refresh to refresh."""
+    out, start = [], {"ascending": 0, "descending": n - 1, "mirror": 0}[order]
+    for _ in range(refreshes):
+        if order == "ascending":
+            on = {i % n for i in range(start, start + k)}
+            start += k
+            start -= n if start >= n else 0
+        elif order == "descending":
+            on = {i % n for i in range(start, start - k, -1)}
+            start -= k
+            start += n if start < 0 else 0
+        else:
+            half = n // 2
+            on = {j for i in range(start, start + k // 2) for j in (i % half, n - 1 - i % half)}
+            start += k // 2
+            start -= half if start >= half else 0
+        out.append(sorted(on))
+    return out
+
+
+# six matrices, and vectors in between that are not counted among the blocks (AdamW)
+BLOCK_SHAPES = [(6, 4), (3, 5), (5,), (4, 4), (2, 3, 2), (7, 3), (), (4, 6)]
+
+
+def _matrices(ps):
+    return [p for p in ps if p.dim() >= 2]
+
+
+@pytest.mark.parametrize("order, complement", [(o, "sign") for o in ORDERS] + [("descending", "sgd")])
+def test_frugal_blocks_match_the_paper(order, complement):
+    """Algorithm 1 with whole tensors as blocks, against torch.optim.AdamW: k = round(rho n) of the n
+    matrices are active in each period and take AdamW's steps from a fresh AdamW (moments and bias
+    correction restarted at each refresh, also for a tensor that stays active), the others take
+    -lr kappa sign(g) (or g) with the decay and hold no moments; vectors are plain AdamW; the
+    selection follows block_order."""
+    lr, betas, eps, wd, kappa, rho, T = 0.02, (0.8, 0.9), 1e-8, 0.1, 0.5, 0.34, 3
+    n, k = 6, 2  # round(0.34 * 6)
+    stream = grads(BLOCK_SHAPES, 20, seed=4)
+    a, b = params(BLOCK_SHAPES), params(BLOCK_SHAPES)
+    opt = FRUGAL(a, lr=lr, betas=betas, eps=eps, weight_decay=wd, density=rho, update_gap=T, block_order=order,
+                 complement=complement, complement_lr_scale=kappa, seed=3)
+    adam = dict(lr=lr, betas=betas, eps=eps, weight_decay=wd)
+    vectors = torch.optim.AdamW([q for q in b if q.dim() < 2], **adam)
+    expected = authors_block_orders(order, n, k, 7) if order != "random" else None
+    seen = set()
+    for t, gs in enumerate(stream):
+        for p, q, g in zip(a, b, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        states = [opt.state[p] for p in _matrices(a)]
+        on = [j for j, st in enumerate(states) if st["active"]]
+        if t % T == 0:  # a refresh: the new selection, fresh AdamW states for it
+            assert len(on) == k
+            if expected is not None:
+                assert on == expected[t // T]
+            seen.add(tuple(on))
+            refs = {j: torch.optim.AdamW([_matrices(b)[j]], **adam) for j in on}
+        assert on == sorted(refs)  # fixed within a period
+        vectors.step()
+        for j, (q, st) in enumerate(zip(_matrices(b), states)):
+            if j in refs:
+                refs[j].step()
+                torch.testing.assert_close(st["exp_avg"], refs[j].state[q]["exp_avg"], rtol=1e-13, atol=1e-15)
+                assert st["adam_step"] == t % T + 1
+            else:
+                assert "exp_avg" not in st and "exp_avg_sq" not in st
+                q.data.mul_(1 - lr * wd).sub_(lr * kappa * (q.grad.sign() if complement == "sign" else q.grad))
+        close(a, b, rtol=1e-13)
+    assert len(seen) > 1  # the selection moved
+
+
+@pytest.mark.parametrize("order, n, k, sequence", [
+    ("ascending", 5, 2, [[0, 1], [2, 3], [0, 4], [1, 2], [3, 4], [0, 1]]),  # from the first tensor on
+    ("descending", 5, 2, [[3, 4], [1, 2], [0, 4], [2, 3], [0, 1], [3, 4]]),  # from the last tensor back
+    ("mirror", 6, 2, [[0, 5], [1, 4], [2, 3], [0, 5], [1, 4], [2, 3]]),  # pairs from both ends, inwards
+    ("mirror", 7, 4, [[0, 1, 5, 6], [0, 2, 4, 6], [1, 2, 4, 5], [0, 1, 5, 6], [0, 2, 4, 6], [1, 2, 4, 5]]),
+])
+def test_frugal_block_orders_cycle_as_the_authors(order, n, k, sequence):
+    """The cyclic orders, written out by hand from the authors' recursion (also run by
+    authors_block_orders): positions count the group's matrices only, in the order of ``params``
+    (vectors between them do not count).  With odd n, "mirror" never activates the middle tensor."""
+    assert authors_block_orders(order, n, k, len(sequence)) == sequence
+    shapes = [(2, 3)] * 2 + [(4,)] + [(2, 3)] * (n - 2)
+    ps = params(shapes)
+    opt = FRUGAL(ps, density=k / n, update_gap=2, block_order=order)
+    got = []
+    for t, gs in enumerate(grads(shapes, 2 * len(sequence))):
+        for p, g in zip(ps, gs):
+            p.grad = g
+        opt.step()
+        if t % 2 == 0:
+            got.append([j for j, p in enumerate(_matrices(ps)) if opt.state[p]["active"]])
+    assert got == sequence
+    assert [opt.state[p]["block"] for p in _matrices(ps)] == list(range(n))
+
+
+def test_frugal_blocks_random_order_is_seeded_by_the_refresh_count():
+    """"random": k distinct tensors per refresh, a function of (seed, refresh count) only: the same for
+    two optimizers with the same seed whatever torch's global generator and whatever the update gap,
+    different for another seed; every tensor is chosen over enough refreshes."""
+    shapes, n, k = [(3, 2)] * 8 + [(5,)], 8, 2
+
+    def sequence(seed, gap, refreshes=40, global_seed=0):
+        torch.manual_seed(global_seed)
+        ps = params(shapes)
+        opt = FRUGAL(ps, density=0.25, update_gap=gap, seed=seed)
+        out = []
+        for t, gs in enumerate(grads(shapes, gap * refreshes)):
+            for p, g in zip(ps, gs):
+                p.grad = g
+            opt.step()
+            if t % gap == 0:
+                out.append(tuple(j for j, p in enumerate(_matrices(ps)) if opt.state[p]["active"]))
+        return out
+
+    s0 = sequence(0, 1)
+    assert all(len(s) == k for s in s0)
+    assert s0 == sequence(0, 3, global_seed=1234) and s0 != sequence(1, 1)
+    assert set().union(*s0) == set(range(n)) and len(set(s0)) > 5
+    assert [list(s) for s in s0] == [block_selection("random", n, k, c, 0) for c in range(1, 41)]
+
+
+@pytest.mark.parametrize("order", ["random", "descending"])
+@pytest.mark.parametrize("cut", [6, 8])  # in the middle of the 2nd period (steps 5-8); at its end (9 refreshes)
+def test_frugal_blocks_resume_bit_identical(order, cut):
+    """A state_dict round trip (torch.save/torch.load) then training equals the uninterrupted run bit
+    for bit, in the middle of a period and across a refresh (the selection, "random" included, is
+    recomputed from the saved seed and refresh count, not from a global generator)."""
+    shapes, steps = BLOCK_SHAPES, 14
+    stream = grads(shapes, steps, seed=7)
+    a = params(shapes)
+    opt = FRUGAL(a, density=0.5, update_gap=4, block_order=order, **ADAM_KW)  # seed drawn and stored
+    run(opt, a, stream[:cut])
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "p": [p.detach() for p in a]}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    b = [p.clone().requires_grad_() for p in ckpt["p"]]
+    torch.manual_seed(4321)  # another global generator: another drawn seed, replaced by the loaded one
+    opt_b = FRUGAL(b, density=0.5, update_gap=4, block_order=order, **ADAM_KW)
+    opt_b.load_state_dict(ckpt["opt"])
+    for x, y in zip(run(opt, a, stream[cut:]), run(opt_b, b, stream[cut:])):
+        assert torch.equal(x, y)
+    sa, sb = opt.state_dict()["state"], opt_b.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        assert sa[i].keys() == sb[i].keys()
+        for name, v in sa[i].items():
+            assert torch.equal(v, sb[i][name]) if torch.is_tensor(v) else v == sb[i][name]
+
+
+def test_frugal_blocks_state_memory():
+    """Defaults (blocks, rho = 0.25): AdamW's moments on a quarter of the matrices, none on the others:
+    a quarter of AdamW's state for the matrices (equal sizes), AdamW's for the vector."""
+    shapes = [(32, 16)] * 8 + [(16,)]
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.zeros(s, requires_grad=True) for s in shapes]
+    ref = [torch.zeros(s, requires_grad=True) for s in shapes]
+    opt, adamw = FRUGAL(ps), torch.optim.AdamW(ref)
+    for p, q in zip(ps, ref):
+        p.grad = q.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    adamw.step()
+    adamw_bytes = [sum(v.numel() * v.element_size() for k, v in adamw.state[q].items() if k != "step") for q in ref]
+    active = [p for p in _matrices(ps) if opt.state[p]["active"]]
+    assert len(active) == 2 and all(opt.state[p]["exp_avg"].shape == p.shape for p in active)
+    assert opt.state_bytes() == sum(adamw_bytes[:8]) // 4 + adamw_bytes[8] == 2 * 4 * (2 * 512 + 16)
+
+
+@pytest.mark.parametrize("mode", ["foreach", "fused"])
+@pytest.mark.parametrize("complement", ["sign", "sgd"])
+def test_frugal_blocks_fast_paths_equal_reference(mode, complement):
+    """The default and fused paths batch matrices of one shape and status (several active and several
+    inactive (3, 4) matrices here) and step inactive ones in place; a large matrix runs alone; one
+    matrix stops receiving gradients halfway (its own clock).  Same parameters and state as the
+    one-tensor-at-a-time reference."""
+    shapes = [(3, 4)] * 6 + [(200, 200), (2, 3, 2), (2, 3, 2), (5,), ()]  # 200 x 200 > PACK_NUMEL
+
+    def train(kw):
+        ps = params(shapes)
+        opt = FRUGAL(ps, density=0.5, update_gap=3, block_order="ascending", complement=complement,
+                     complement_lr_scale=0.5, **ADAM_KW, **kw)
+        for t, gs in enumerate(grads(shapes, 15, seed=9)):
+            for i, (p, g) in enumerate(zip(ps, gs)):
+                p.grad = None if (i == 1 and t >= 8) else g
+            opt.step()
+        return ps, opt
+
+    ref, opt_ref = train({"foreach": False})
+    fast, opt_fast = train({"fused": True} if mode == "fused" else {"foreach": True})
+    close(fast, ref, rtol=1e-13)
+    for p, q in zip(ref, fast):
+        s, f = opt_ref.state[p], opt_fast.state[q]
+        assert s.keys() == f.keys()
+        for name in s:
+            if torch.is_tensor(s[name]):
+                torch.testing.assert_close(f[name], s[name], rtol=1e-13, atol=1e-15)
+            else:
+                assert f[name] == s[name], name
+
+
+def test_frugal_blocks_bad_input():
+    """An unknown block_order, or "mirror" with an odd number of active tensors, is refused with the
+    argument and the accepted values named, also in a group added later or after a density change."""
+    ps = params([(3, 4), (4, 3), (2, 2), (5,)])
+    with pytest.raises(ValueError, match=r"invalid block_order='zigzag'; expected one of "
+                                         r"\['random', 'ascending', 'descending', 'mirror'\]"):
+        FRUGAL(ps, block_order="zigzag")
+    with pytest.raises(ValueError, match=r"invalid block_order='mirror' with density=0\.34 on 3 projected "
+                                         r"tensors \(round\(3 \* 0\.34\) = 1 active\).*even"):
+        FRUGAL(ps, density=0.34, block_order="mirror")
+    opt = FRUGAL(ps[:2], density=1.0, block_order="mirror")  # 2 of 2: fine
+    with pytest.raises(ValueError, match="invalid block_order='zigzag'"):
+        opt.add_param_group({"params": ps[2:], "block_order": "zigzag"})
+    opt.param_groups[0]["density"] = 0.5  # 1 of 2 active: refused before anything changes
+    for p, g in zip(ps[:2], grads([(3, 4), (4, 3)], 1)[0]):
+        p.grad = g
+    before = [p.detach().clone() for p in ps[:2]]
+    with pytest.raises(ValueError, match="invalid block_order='mirror'"):
+        opt.step()
+    assert all(torch.equal(x, p) for x, p in zip(before, ps[:2])) and len(opt.state) == 0
+
+
+def test_frugal_blocks_refuse_state_of_another_projector():
+    """A state_dict saved with the within-matrix projector (projector="blocks" before the paper's
+    whole-tensor blocks, now "columns") is not silently misread by the block projector."""
+    shapes = [(4, 3), (5,)]
+    a = params(shapes)
+    opt = FRUGAL(a, density=0.5, update_gap=2, projector="columns")
+    run(opt, a, grads(shapes, 3))
+    opt_b = FRUGAL(a, density=0.5, update_gap=2)
+    opt_b.load_state_dict(opt.state_dict())
+    opt_b.param_groups[0]["projector"] = "blocks"  # a checkpoint of the old default: the group says "blocks"
+    with pytest.raises(ValueError, match="projector='columns'"):
+        run(opt_b, a, grads(shapes, 1))
+
+
+# -- the coordinate and SVD projectors (within each matrix) ---------------------------------------
+def paper_frugal_columns(x0, stream, lr, betas, eps, wd, rho, T):
     """Algorithm 1 with a cyclic block of columns (tall matrix), Adam on it and signSGD elsewhere."""
     b1, b2 = betas
     x, (rows, cols) = x0.clone(), x0.shape
@@ -239,13 +480,14 @@ def paper_frugal_blocks(x0, stream, lr, betas, eps, wd, rho, T):
     return x
 
 
-def test_frugal_blocks_matches_algorithm_1():
+def test_frugal_columns_matches_algorithm_1():
     (g_stream,) = zip(*grads([(10, 8)], 20))
     (p,) = params([(10, 8)])
     x0 = p.detach().clone()
-    opt = FRUGAL([p], lr=0.02, betas=(0.8, 0.9), eps=1e-8, weight_decay=0.1, density=0.25, update_gap=3)
+    opt = FRUGAL([p], lr=0.02, betas=(0.8, 0.9), eps=1e-8, weight_decay=0.1, density=0.25, update_gap=3,
+                 projector="columns")
     (ours,) = run(opt, [p], [[g] for g in g_stream])
-    ref = paper_frugal_blocks(x0, g_stream, 0.02, (0.8, 0.9), 1e-8, 0.1, 0.25, 3)
+    ref = paper_frugal_columns(x0, g_stream, 0.02, (0.8, 0.9), 1e-8, 0.1, 0.25, 3)
     torch.testing.assert_close(ours, ref, rtol=1e-13, atol=1e-14)
 
 
@@ -311,10 +553,10 @@ def test_frugal_random_selection_is_seeded_and_resumable():
     assert all(len(set(s)) == 3 for s in s0) and len({tuple(s) for s in s0}) > 1  # new columns each period
 
 
-def test_frugal_state_memory():
-    """Defaults (blocks, rho = 0.25): two moments on a quarter of the columns, 2 bytes per float32 parameter."""
+def test_frugal_columns_state_memory():
+    """"columns", rho = 0.25: two moments on a quarter of the columns, 2 bytes per float32 parameter."""
     w = torch.zeros(1024, 512, requires_grad=True)
-    opt = FRUGAL([w])
+    opt = FRUGAL([w], projector="columns")
     w.grad = torch.randn(1024, 512, generator=torch.Generator().manual_seed(0))
     opt.step()
     assert opt.state[w]["exp_avg"].shape == (1024, 128)

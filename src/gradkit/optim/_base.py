@@ -640,13 +640,14 @@ class PerTensorOptimizer(Optimizer):
             self._update(p, self.state[p], group)
 
     def _batches(self, group: dict[str, Any], batchable: Callable[[torch.Tensor], bool],
-                 size: Callable[[torch.Tensor], Any] = lambda p: tuple(p.shape)) -> list[list[torch.Tensor]]:
-        """The parameters of :meth:`_prepare`, grouped for one batched update each: off the reference
-        path, those for which ``batchable(p)`` holds by ``size(p)``, dtype, device and step count;
-        every other parameter alone."""
+                 size: Callable[[torch.Tensor], Any] = lambda p: tuple(p.shape),
+                 params: list[torch.Tensor] | None = None) -> list[list[torch.Tensor]]:
+        """The parameters of :meth:`_prepare` (or ``params``, already prepared), grouped for one
+        batched update each: off the reference path, those for which ``batchable(p)`` holds by
+        ``size(p)``, dtype, device and step count; every other parameter alone."""
         batched = self._mode(group) != "reference"
         buckets: dict[Any, list[torch.Tensor]] = {}
-        for p in self._prepare(group):
+        for p in self._prepare(group) if params is None else params:
             key = (size(p), p.dtype, p.device, self.state[p]["step"]) if batched and batchable(p) else id(p)
             buckets.setdefault(key, []).append(p)
         return list(buckets.values())
