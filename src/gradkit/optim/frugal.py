@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ._base import (PACK_NUMEL, PerTensorOptimizer, as_float, check_adam_group, check_choice, check_int, check_range,
-                    opmath_dtype)
+                    opmath_dtype, run_flat)
 
 __all__ = ["FRUGAL", "PROJECTORS", "BLOCK_ORDERS", "block_selection"]
 
@@ -51,6 +51,23 @@ def block_selection(order: str, n: int, k: int, refresh: int, seed: int = 0) -> 
     else:
         raise ValueError(f"block_selection: invalid order={order!r}; expected one of {list(BLOCK_ORDERS)}")
     return sorted(out)
+
+
+def _adamw_flat(param, grad, exp_avg, exp_avg_sq, *, h, maximize: bool) -> None:
+    """:meth:`FRUGAL._adam` and the decay as one compiled pass over a flat tensor (the same
+    operations); ``h = [lr / bc1, beta1, beta2, eps, 1 - lr wd, sqrt(bc2)]``."""
+    g = -grad if maximize else grad
+    m = exp_avg.lerp(g, 1 - h[1])
+    v = exp_avg_sq * h[2] + (1 - h[2]) * g * g
+    param.copy_(param * h[4] - m / (v.sqrt() / h[5] + h[3]) * h[0])
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+
+
+def _free_flat(param, grad, *, h, maximize: bool, sign: bool) -> None:
+    """The state-free step of an inactive block as one compiled pass; ``h = [1 - lr wd, lr κ]``."""
+    g = -grad if maximize else grad
+    param.copy_(param * h[0] - h[1] * (torch.sign(g) if sign else g))
 
 
 class FRUGAL(PerTensorOptimizer):
@@ -358,6 +375,20 @@ class FRUGAL(PerTensorOptimizer):
         p0, B, state = params[0], len(params), states[0]
         compute = opmath_dtype(p0.dtype)
         fast = self._mode(group) != "reference" and compute == p0.dtype
+        blocks = group["projector"] == "blocks"
+        whole = p0.dim() < 2 or (blocks and state["active"])  # AdamW on the whole tensor
+        if (fast and B == 1 and p0.numel() > PACK_NUMEL and p0.is_contiguous() and p0.grad.is_contiguous()
+                and (whole or blocks)):  # one compiled pass over a large tensor, no temporaries
+            flat = [p0.detach().view(-1), p0.grad.view(-1)]
+            if whole:
+                (beta1, beta2), step = group["betas"], state["step"] if p0.dim() < 2 else state["adam_step"]
+                h = [lr / (1 - beta1**step), beta1, beta2, group["eps"], 1 - lr * wd, (1 - beta2**step) ** 0.5]
+                flat += [state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)]
+                run_flat(_adamw_flat, flat, torch.tensor(h, dtype=compute), {"maximize": group["maximize"]})
+            else:
+                h = torch.tensor([1 - lr * wd, lr * group["complement_lr_scale"]], dtype=compute)
+                run_flat(_free_flat, flat, h, {"maximize": group["maximize"], "sign": group["complement"] == "sign"})
+            return
 
         def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
             return tensors[0] if B == 1 else torch.stack(tensors)
@@ -381,8 +412,7 @@ class FRUGAL(PerTensorOptimizer):
                     for name in ("exp_avg", "exp_avg_sq"):
                         torch._foreach_copy_([st[name] for st in states], list(moments[name].unbind(0)))
 
-        blocks = group["projector"] == "blocks"
-        if p0.dim() < 2 or (blocks and state["active"]):  # AdamW on the whole tensor
+        if whole:
             step = state["step"] if p0.dim() < 2 else state["adam_step"]
             moments = self._moments(states, stack, step)
             finish(theta() - self._adam(g, moments, group, step), moments)
