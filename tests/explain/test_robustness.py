@@ -393,6 +393,13 @@ def test_certified_bound_is_never_beaten_and_tends_to_the_first_order_bound(norm
     assert bool((ratio < 1.01).all()), ratio
 
 
+def test_certified_bound_of_an_affine_model_is_zero():
+    """No activation: the saliency map is constant, so the certificate is 0 (and the cosine 1)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).to(DTYPE)
+    bound = rb.deviation_bound(model, randn(2, 3), torch.tensor([0, 1]), eps=0.5, certified=True)
+    assert bool((bound.distance == 0).all()) and bool((bound.cosine == 1).all())
+
+
 def test_certified_bound_refuses_what_it_cannot_bound(trained):
     model, x, labels = trained
     with pytest.raises(ValueError, match="saliency"):

@@ -115,7 +115,7 @@ def hessian_interval(model: Any, inputs: Tensor, target: None | int | Tensor, ep
     exact = True
     eye = torch.eye(n, dtype=x.dtype, device=x.device).expand(batch, n, n)
     j_lo = j_hi = eye  # (B, units, n)
-    h_lo = h_hi = torch.zeros(batch, n, n, n, dtype=x.dtype, device=x.device)  # (B, units, n, n)
+    h_lo = h_hi = None  # (B, units, n, n); None while zero (before the first activation)
     for m in layers:
         if isinstance(m, nn.Linear):
             w = m.weight.detach().to(x.dtype)
@@ -129,18 +129,25 @@ def hessian_interval(model: Any, inputs: Tensor, target: None | int | Tensor, ep
             if m.bias is not None:
                 b = m.bias.detach().to(x.dtype)
                 p_lo, p_hi = p_lo + b, p_hi + b
-            (j_lo, j_hi), (h_lo, h_hi) = _linear(w, j_lo, j_hi), _linear(w, h_lo, h_hi)
+            j_lo, j_hi = _linear(w, j_lo, j_hi)
+            if h_lo is not None:
+                h_lo, h_hi = _linear(w, h_lo, h_hi)
             continue
         (d1_lo, d1_hi), (d2_lo, d2_hi) = derivative_ranges(type(m), p_lo, p_hi)
         outer = _times((j_lo.unsqueeze(3), j_hi.unsqueeze(3)), (j_lo.unsqueeze(2), j_hi.unsqueeze(2)))
         first = _times((d2_lo[..., None, None], d2_hi[..., None, None]), outer)
-        second = _times((d1_lo[..., None, None], d1_hi[..., None, None]), (h_lo, h_hi))
-        h_lo, h_hi = first[0] + second[0], first[1] + second[1]
+        if h_lo is None:
+            h_lo, h_hi = first
+        else:
+            second = _times((d1_lo[..., None, None], d1_hi[..., None, None]), (h_lo, h_hi))
+            h_lo, h_hi = first[0] + second[0], first[1] + second[1]
         j_lo, j_hi = _times((d1_lo[..., None], d1_hi[..., None]), (j_lo, j_hi))
         transform = _SMOOTH[type(m)][0]
         p_lo, p_hi = transform(p_lo), transform(p_hi)
         exact = False
-    units = h_lo.shape[1]
+    units = j_lo.shape[1]
+    if h_lo is None:  # no activation: an affine model, whose Hessian is zero
+        h_lo = h_hi = torch.zeros(batch, units, n, n, dtype=x.dtype, device=x.device)
     if target is None:
         if units != 1:
             raise ValueError(f"target=None needs one model output, got {units}; pass a class index or a tensor of indices")
