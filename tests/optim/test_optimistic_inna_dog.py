@@ -59,7 +59,7 @@ def rmpe(seq, reg):
     return (x[:, :-1] * c).sum(1).reshape(seq[0].shape)
 
 
-def paper_optimistic_amsgrad(x0, grads, lr, betas, eps, span, reg=1e-3):
+def paper_optimistic_amsgrad(x0, grads, lr, betas, eps, span, reg=1e-3, bias_correction=False):
     """Algorithm 2 on a fixed gradient stream; returns the w_{t+1} and the w_{t+1/2} sequences.
     The second moment is that of the prediction errors, v_t = β₂ v_{t−1} + (1 − β₂)(g_t − m_t)²
     (the authors' code, Optadam_torch.py: ``tmp = prev_predict_grad - grad``), m_1 = 0."""
@@ -74,20 +74,23 @@ def paper_optimistic_amsgrad(x0, grads, lr, betas, eps, span, reg=1e-3):
         theta = b1 * theta + (1 - b1) * g
         v = b2 * v + (1 - b2) * (g - m) ** 2
         v_hat = torch.maximum(v_hat, v)
-        w_half = w_half - lr * theta / (v_hat.sqrt() + eps)
+        # the authors' code: both steps times sqrt(1 - β₂ᵗ)/(1 - β₁ᵗ), eps unscaled
+        eta = lr * math.sqrt(1 - b2 ** (t + 1)) / (1 - b1 ** (t + 1)) if bias_correction else lr
+        w_half = w_half - eta * theta / (v_hat.sqrt() + eps)
         window = grads[max(0, t - span + 1): t + 1]
         m_next = window[-1] if len(window) < 2 else rmpe(window, reg)  # guess of g_{t+1}
         h_next = b1 * theta_prev + (1 - b1) * m_next
         m = m_next
-        ws.append(w_half - lr * h_next / (v_hat.sqrt() + eps))
+        ws.append(w_half - eta * h_next / (v_hat.sqrt() + eps))
         halves.append(w_half.clone())
     return torch.stack(ws), torch.stack(halves)
 
 
+@pytest.mark.parametrize("bias_correction", [False, True])
 @pytest.mark.parametrize("span", [1, 3, 5])
-def test_optimistic_amsgrad_matches_algorithm_2(span):
+def test_optimistic_amsgrad_matches_algorithm_2(span, bias_correction):
     x0, grads = x_init(), grad_stream((30,), 25, seed=1)
-    kw = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-8)
+    kw = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-8, bias_correction=bias_correction)
     ours, opt, x = run(OptimisticAMSGrad, x0, grads, span=span, **kw)
     ws, halves = paper_optimistic_amsgrad(x0, grads, span=span, **kw)
     close(ours, ws, rtol=1e-10, atol=1e-13)
@@ -111,6 +114,20 @@ def test_half_iterates_are_amsgrad_with_a_zero_prediction():
         close(opt.state[x]["half_param"], y.detach(), rtol=1e-13, atol=1e-15)
     assert not torch.allclose(x, y)  # the evaluation point itself is optimistic (β₁ θ_{t−1} term)
     assert not torch.allclose(default.state[z]["half_param"], y)
+
+
+def test_bias_correction_leaves_the_decay_alone():
+    """Zero gradients: only the decoupled decay moves the parameter, (1 − lr λ)ᵗ with or without
+    bias_correction (which scales the steps, not the decay)."""
+    for bias_correction in (False, True):
+        x = torch.ones(4, dtype=DT, requires_grad=True)
+        opt = OptimisticAMSGrad([x], lr=0.1, weight_decay=0.5, bias_correction=bias_correction, span=1)
+        for _ in range(5):
+            x.grad = torch.zeros(4, dtype=DT)
+            opt.step()
+        close(opt.state[x]["half_param"], torch.full((4,), 0.95**5, dtype=DT), rtol=1e-14)
+    with pytest.raises(ValueError, match="bias_correction"):
+        OptimisticAMSGrad([x], bias_correction=1)
 
 
 def test_second_moment_tracks_the_prediction_errors():

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import math
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from ._base import Optimizer, as_float, check_adam_group, check_range
+from ._base import Optimizer, as_float, check_adam_group, check_bool, check_range
 
 __all__ = ["OptimisticAMSGrad", "optimistic_amsgrad_kernel", "extrapolation_weights"]
 
@@ -142,8 +143,10 @@ class OptimisticAMSGrad(Optimizer):
     current ``lr``), :math:`(\beta_1, \beta_2)` = ``betas``, :math:`\epsilon` = ``eps`` (the
     paper starts from :math:`\hat v_0 = \epsilon`; we add it to the denominator as
     :class:`~gradkit.optim.AMSGrad` does), :math:`\lambda` = ``weight_decay`` (decoupled, on the
-    half iterate; not in the paper, default 0).  No bias correction (the paper's form).  Defaults
-    are the authors' experiments: lr 1e-3, betas (0.9, 0.99).
+    half iterate; not in the paper, default 0).  No bias correction by default (the paper's form);
+    ``bias_correction=True`` scales both steps by :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)` as the
+    authors' code does (``eps`` unscaled, the decay unchanged).  Defaults are the authors'
+    experiments: lr 1e-3, betas (0.9, 0.99).
 
     State: ``exp_avg`` (:math:`\theta`), ``exp_avg_sq`` (:math:`v`), ``max_exp_avg_sq``
     (:math:`\hat v`), ``half_param`` (:math:`w_{t+1/2}`), ``prediction`` (:math:`m_{t+1}`, in the
@@ -169,6 +172,7 @@ class OptimisticAMSGrad(Optimizer):
         *,
         span: int = 5,
         predictor: Predictor | None = None,
+        bias_correction: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -185,12 +189,14 @@ class OptimisticAMSGrad(Optimizer):
             ("last_grad",) + tuple(f"diff_{k}" for k in range(span - 1)) if self._extrapolates else ())
         self._weights: dict[int, dict[int, list[float]]] = {}
         self._dot_cache: dict[int, tuple] = {}  # id(param) -> (key, flat views, dots, step, weakref)
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, reg=reg),
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, reg=reg,
+                                      bias_correction=bias_correction),
                          maximize=maximize, foreach=foreach, fused=fused)
 
     def _validate(self, group: dict[str, Any]) -> None:
         check_adam_group(type(self).__name__, group)
         check_range(type(self).__name__, "reg", group["reg"], 0.0, low_open=True)
+        check_bool(type(self).__name__, "bias_correction", group["bias_correction"])
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         super()._init_state(p, state, group)
@@ -224,7 +230,9 @@ class OptimisticAMSGrad(Optimizer):
 
     def _hyper(self, group: dict[str, Any], step: int) -> list[float]:
         b1, b2 = group["betas"]
-        h = [as_float(group["lr"]), b1, b2, group["eps"], group["weight_decay"]]
+        # the kernel's steps are lr-proportional and its decay is lr * wd: scale lr, and wd inversely
+        scale = math.sqrt(1 - b2**step) / (1 - b1**step) if group["bias_correction"] else 1.0
+        h = [as_float(group["lr"]) * scale, b1, b2, group["eps"], group["weight_decay"] / scale]
         if self._extrapolates:
             h += self._weights[id(group)][step]
         return h
@@ -237,6 +245,8 @@ class OptimisticAMSGrad(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        for group in self.param_groups:  # state_dicts saved before bias_correction existed
+            group.setdefault("bias_correction", False)
         self._weights = {}
         self._dot_cache = {}
 
