@@ -136,8 +136,8 @@ class OptimisticAMSGrad(Optimizer):
     paper's description: it extrapolates the last ``span`` *iterates* and takes the predicted
     gradient from a second copy of the network placed at the extrapolated point (one more forward
     and backward pass per step, which a drop-in optimizer cannot take; a ``predictor`` can),
-    applies Adam's bias corrections to both steps, adds the weight decay to the gradient and
-    regularises RMPE by an absolute 1e-3.
+    applies Adam's bias corrections to both steps (``bias_correction=True`` here), adds the weight
+    decay to the gradient and regularises RMPE by an absolute 1e-3.
 
     Symbols: :math:`\eta` = ``lr`` (the paper's :math:`\eta_{t+1}` in the second step is the
     current ``lr``), :math:`(\beta_1, \beta_2)` = ``betas``, :math:`\epsilon` = ``eps`` (the
