@@ -406,6 +406,10 @@ def test_certified_bound_refuses_what_it_cannot_bound(trained):
         rb.deviation_bound(model, x, labels, eps=0.1, certified=True, attribution=functools.partial(saliency, abs=True))
     with pytest.raises(ValueError, match="not a callable"):
         rb.deviation_bound(model, x, lambda out: out[:, 0], eps=0.1, certified=True)
+    with pytest.raises(TypeError, match="certified must be True or False"):
+        rb.deviation_bound(model, x, labels, eps=0.1, certified="yes")
+    with pytest.raises(TypeError, match="detach_natural must be True or False"):
+        rb.igr_penalty(model, x, x, labels, detach_natural=1)
     relu = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 3)).to(DTYPE)
     with pytest.raises(TypeError, match=r"1 \(ReLU\)"):
         rb.deviation_bound(relu, x, labels, eps=0.1, certified=True)

@@ -305,6 +305,8 @@ def igr_penalty(
     perturbed = check_inputs(perturbed, "perturbed")
     if perturbed.shape != inputs.shape:
         raise ValueError(f"perturbed must have the shape of inputs {tuple(inputs.shape)}, got {tuple(perturbed.shape)}")
+    if not isinstance(detach_natural, bool):
+        raise TypeError(f"detach_natural must be True or False, got {detach_natural!r}")
     natural = integrated_gradients(model, inputs, target, baselines=baselines, steps=steps, rule=rule,
                                    create_graph=not detach_natural)
     moved = integrated_gradients(model, perturbed, target, baselines=baselines, steps=steps, rule=rule, create_graph=True)
@@ -480,8 +482,8 @@ def deviation_bound(
     and cosine deviations under ℓ2 and ℓ∞ perturbations, with the prediction unchanged) but not
     its equations; this is the first-order bound that its formulation reduces to, dropping the
     prediction constraint (which only shrinks the feasible set).  The paper's Figure 1 shows this
-    Jacobian for Integrated Gradients: pass ``attribution=integrated_gradients`` for it.  It is exact when the
-    attribution is affine in ``x`` (a quadratic model's gradient) and a first-order
+    Jacobian for Integrated Gradients: pass ``attribution=integrated_gradients`` for it.  It is
+    exact when the attribution is affine in ``x`` (a quadratic model's gradient) and a first-order
     approximation otherwise: a nonlinear attribution can exceed it by ``O(ε²)`` (measured in the
     tests: up to 13 % at ε = 0.05 on a trained tanh MLP).
 
@@ -497,6 +499,8 @@ def deviation_bound(
         raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
     eps = check_float(eps, "eps")
     inputs = check_inputs(inputs).detach()
+    if not isinstance(certified, bool):
+        raise TypeError(f"certified must be True or False, got {certified!r}")
     if certified:
         if attribution is not saliency:
             raise ValueError("certified=True bounds the saliency map (attribution=saliency) only")
