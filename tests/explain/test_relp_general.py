@@ -130,6 +130,9 @@ def _tiny_reference(model, x, name):
     attn_mask, pad, causal = model.masks(x)
 
     def sa(z):
+        return t("attn", _attention(z))
+
+    def _attention(z):
         b, n, e = z.shape
         h, d = attn.num_heads, e // attn.num_heads
         qkv = F.linear(z, attn.in_proj_weight, attn.in_proj_bias).split(e, -1)
@@ -174,6 +177,47 @@ def test_transformer_encoder_layer_equals_hand_written_rules(norm_first, mask):
         assert expected.abs().max() > 1e-3
         got = relevance_patching(model, layer, clean, corrupt, logit_diff, batch_size=4)
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mask", ["padding", "causal"])
+def test_patching_the_attention_output(mask):
+    """``nn.MultiheadAttention`` returns ``(output, weights)``: the three patching functions patch
+    its output.  RelP equals the hand-written rules; activation patching equals the exact effect of
+    replacing one element, computed with a hook on the module; attribution patching is the plain
+    gradient (first order: close to RelP on this attention-output layer, not equal)."""
+    model = Tiny(False, mask, seed=7)
+    attn = model.block.self_attn
+    clean, corrupt = randn(4, 5, 3, seed=14), randn(4, 5, 3, seed=15)
+    expected = _relp_reference(_tiny_reference, model, "attn", clean, corrupt)
+    got = relevance_patching(model, attn, clean, corrupt, logit_diff, batch_size=3)
+    assert got.shape == (4, 5, 8) and expected.abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    exact = activation_patching(model, attn, clean, corrupt, logit_diff, batch_size=64)
+    with torch.no_grad():
+        a_clean = []
+        h = attn.register_forward_hook(lambda m, args, out: a_clean.append(out[0].clone()))
+        model(clean)
+        h.remove()
+        base = logit_diff(model(corrupt))
+        for b, t, e in [(0, 0, 0), (1, 4, 7), (3, 2, 5)]:
+            def swap(m, args, out, b=b, t=t, e=e):
+                first = out[0].clone()
+                first[b, t, e] = a_clean[0][b, t, e]
+                return (first, out[1])
+
+            h = attn.register_forward_hook(swap)
+            effect = logit_diff(model(corrupt))[b] - base[b]
+            h.remove()
+            torch.testing.assert_close(exact[b, t, e], effect, rtol=1e-12, atol=1e-14)
+    atp = attribution_patching(model, attn, clean, corrupt, logit_diff)
+    assert atp.shape == (4, 5, 8) and float((atp - got).abs().max()) > 1e-6
+
+
+def test_patching_a_sequence_first_layer_is_refused():
+    """A layer whose output does not hold the examples along its first dimension is refused."""
+    model = Block(seed=5)
+    with pytest.raises(ValueError, match="first dimension"):
+        relevance_patching(model, model.attn, randn(3, 5, 3, seed=1), randn(3, 5, 3, seed=2), logit_diff)
 
 
 class Block(nn.Module):

@@ -67,17 +67,31 @@ def check_layer(model: Any, layer: Any, name: str = "layer") -> nn.Module:
     return layer
 
 
-def _capture(store: list[Tensor]) -> Callable[..., Tensor]:
-    """Forward hook keeping the module's output and passing a copy on, so that in-place operations
-    after the layer (``ReLU(inplace=True)``) do not overwrite what we differentiate against."""
+def layer_output(module: nn.Module, out: Any) -> tuple[Tensor, Callable[[Tensor], Any]]:
+    """The tensor a hooked layer's output stands for, and a function putting a replacement in its
+    place: the output itself, or the first element of a tuple or list output (e.g.
+    ``nn.MultiheadAttention``'s ``(output, weights)``)."""
+    if isinstance(out, Tensor):
+        return out, lambda t: t
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        if hasattr(out, "_fields"):  # a named tuple
+            return out[0], lambda t: type(out)(t, *out[1:])
+        return out[0], lambda t: type(out)([t, *out[1:]])
+    raise TypeError(f"{type(module).__name__} returned {type(out).__name__}; a hooked layer must return a tensor "
+                    "or a tuple whose first element is a tensor")
 
-    def hook(module: nn.Module, args: Any, out: Any) -> Tensor:
-        if not isinstance(out, Tensor):
-            raise TypeError(f"{type(module).__name__} returned {type(out).__name__}; a hooked layer must return one tensor")
-        if not out.requires_grad:  # nothing upstream needs grad (frozen parameters): start the graph here
-            out = out.detach().requires_grad_(True)
-        store.append(out)
-        return out.clone()
+
+def _capture(store: list[Tensor]) -> Callable[..., Any]:
+    """Forward hook keeping the module's output (its first tensor, :func:`layer_output`) and
+    passing a copy on, so that in-place operations after the layer (``ReLU(inplace=True)``) do not
+    overwrite what we differentiate against."""
+
+    def hook(module: nn.Module, args: Any, out: Any) -> Any:
+        first, rebuild = layer_output(module, out)
+        if not first.requires_grad:  # nothing upstream needs grad (frozen parameters): start the graph here
+            first = first.detach().requires_grad_(True)
+        store.append(first)
+        return rebuild(first.clone())
 
     return hook
 

@@ -5,7 +5,9 @@ All three answer the same question for every element ``i`` of the output ``a`` o
 much does ``metric`` change when, in the corrupted run, ``a_i`` is replaced by its value in the
 clean run?  ``metric`` selects one scalar per example from the model output, like ``target`` (a
 class index, a tensor of indices, or a callable ``output -> (B,)`` such as a logit difference).
-Results are shaped like the layer output ``(B, *shape)``.
+Results are shaped like the layer output ``(B, *shape)``, which must hold the examples along its
+first dimension.  A layer returning a tuple is patched at its first element (the output of
+``nn.MultiheadAttention``, whose attention weights are left as they are).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from gradkit.explain._common import (
     eval_mode,
     select,
 )
-from gradkit.explain.cam import check_layer, layer_sweep
+from gradkit.explain.cam import check_layer, layer_output, layer_sweep
 from gradkit.explain.lrp import _PASS, RULE_NAMES, RuleSpec, Zero, _chain, lrp_propagate, secant_slope
 
 __all__ = ["activation_patching", "attribution_patching", "relevance_patching", "identity_rule"]
@@ -58,11 +60,16 @@ def _layer_output(model: Any, layer: nn.Module, x: Tensor, rows: int) -> Tensor:
         for _, example in _rows(1, x.shape[0], rows):
             got: list[Tensor] = []
             with HookSet() as hooks:
-                hooks.forward(layer, lambda m, args, out: got.append(out.detach().clone()))
+                hooks.forward(layer, lambda m, args, out: got.append(layer_output(m, out)[0].detach().clone()))
                 model(x[example].clone())
             if len(got) != 1:
                 raise ValueError(
                     f"the layer {type(layer).__name__} is called {len(got)} times in one forward pass; patching needs one call"
+                )
+            if got[0].ndim == 0 or got[0].shape[0] != len(example):
+                raise ValueError(
+                    f"the layer {type(layer).__name__} returned shape {tuple(got[0].shape)} for {len(example)} examples; "
+                    "patching needs the examples along its first dimension (e.g. nn.MultiheadAttention(batch_first=True))"
                 )
             parts.append(got[0])
     return torch.cat(parts)
@@ -105,10 +112,11 @@ def activation_patching(
         bar = tqdm(total=-(-n_el * batch // rows), desc="activation patching", disable=not progress, leave=False)
         try:
             for element, example in _rows(n_el, batch, rows):
-                def patch(m: nn.Module, args: Any, out: Tensor) -> Tensor:
-                    out = out.clone()
-                    out.view(len(example), -1)[torch.arange(len(example)), element] = flat_clean[example, element]
-                    return out
+                def patch(m: nn.Module, args: Any, out: Any) -> Any:
+                    first, rebuild = layer_output(m, out)
+                    first = first.clone(memory_format=torch.contiguous_format)
+                    first.view(len(example), -1)[torch.arange(len(example)), element] = flat_clean[example, element]
+                    return rebuild(first)
 
                 with HookSet() as hooks, torch.no_grad():
                     hooks.forward(layer, patch)
