@@ -204,7 +204,7 @@ def _preserve(out: Tensor, lin: Tensor) -> Tensor:
     return out.detach() + (lin - lin.detach())
 
 
-def identity_rule(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+def identity_rule(module: nn.Module | None, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
     """The identity rule for an element-wise activation ``y = σ(x)`` (Achtibat et al. 2024, AttnLRP,
     arXiv:2402.05602; Jafari et al. 2025, arXiv:2508.21258): relevance passes unchanged, as the
     linearisation ``x · (σ(x)/x)`` with the ratio constant (0 where ``x = 0``).  In the signature of
@@ -336,7 +336,7 @@ def _linearised_activation(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor],
 
     def activation(x: Tensor) -> Tensor:
         y = fn(x)
-        return _preserve(y, x * secant_slope(x.detach(), y.detach()))
+        return _preserve(y, identity_rule(None, (x,), {}, y))
 
     return activation
 

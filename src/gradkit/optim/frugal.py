@@ -362,10 +362,6 @@ class FRUGAL(PerTensorOptimizer):
         for members in self._batches(group, batchable, size, params):
             self._update_batch(members, [self.state[p] for p in members], group)
 
-    def _update(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        self._advance(p, state, group, {})
-        self._update_batch([p], [state], group)
-
     def _update_batch(self, params: list[torch.Tensor], states: list[dict[str, Any]], group: dict[str, Any]) -> None:
         """One step of ``B`` tensors of one shape, step count and status, already refreshed
         (:meth:`_advance`), computed on ``(B, ...)`` stacks (``B > 1``: copies, written back at the
