@@ -202,3 +202,26 @@ def test_projection_decided_on_the_host_equals_reference(name):
             runs.append([p.detach() for p in params])
         for x, y in zip(*runs):
             torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-13)
+
+
+def test_pack_load_places_each_member_at_its_views_in_aligned_buffers():
+    """Packed small tensors are copied in by one ``torch.cat`` per group of equal trailing shape
+    (0-dim members one by one): every member lands at its own views, and parameter, gradient and
+    state buffers place each member at the same offset (the flat kernels pair them elementwise)."""
+    from gradkit.optim._base import _Pack
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3,), (2, 4), (), (5,), (4, 3), (1, 4), (2, 2, 2), (), (3, 2, 2), (6,)]
+    members = [torch.randn(s, generator=g, dtype=DT) for s in shapes]
+    members[4] = members[4].t()  # a non-contiguous (3, 4) member, grouped with (2, 4) and (1, 4)
+    grads = [torch.randn(m.shape, generator=g, dtype=DT) for m in members]
+    pack = _Pack(members, ("a", "b"))
+    pack.load(0, members)
+    pack.load(1, grads)
+    for k, source in ((0, members), (1, grads)):
+        for view, tensor in zip(pack.views[k], source, strict=True):
+            assert view.shape == tensor.shape and torch.equal(view, tensor)
+    for k in range(1, 4):
+        assert [v.storage_offset() for v in pack.views[k]] == [v.storage_offset() for v in pack.views[0]]
+    # vectors, (·, 4) matrices and (·, 2, 2) tensors: three concatenations, and the two 0-dim members
+    assert len(pack._cats) == 3 and len(pack._rest) == 2

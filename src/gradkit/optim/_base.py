@@ -37,6 +37,7 @@ parameters the kernels do their arithmetic in float32 and round on store.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import operator
@@ -57,8 +58,9 @@ PACK_NUMEL = 1 << 15
 CHUNK_NUMEL = 1 << 16
 
 Kernel = Callable[..., None]
-_DTYPE = operator.attrgetter("dtype")
-_DEVICE = operator.attrgetter("device")
+_DTYPE_DEVICE = operator.attrgetter("dtype", "device")
+_GRAD = operator.attrgetter("grad")
+_IS_SPARSE = operator.attrgetter("is_sparse")
 
 
 class SparseGradientError(TypeError, RuntimeError):
@@ -273,17 +275,45 @@ class _Pack:
         self.names = names
         shapes = [_real(p).shape for p in members]
         ref = _real(members[0])
+        # members are laid out grouped by their shape less its first dimension, so that each
+        # group's parameters (and gradients) are copied in by one torch.cat, a few times faster
+        # than a foreach copy of many small tensors; 0-dim members are copied one by one
+        key = [(len(s) == 0, len(s), tuple(s[1:])) for s in shapes]
+        order = sorted(range(len(members)), key=key.__getitem__)
 
         def buffer_and_views(shapes: Sequence[tuple[int, ...]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-            sizes = [math.prod(s) for s in shapes]
+            sizes = [math.prod(shapes[i]) for i in order]
             buf = torch.empty(sum(sizes), dtype=ref.dtype, device=ref.device)
-            return buf, [v.view(s) for v, s in zip(buf.split(sizes), shapes)]
+            views: list[torch.Tensor] = [buf] * len(shapes)
+            for i, v in zip(order, buf.split(sizes)):
+                views[i] = v.view(shapes[i])
+            return buf, views
 
         layouts = [shapes, shapes] + [list(state_shapes[k]) if state_shapes else shapes for k in range(len(names))]
         self.buffers, self.views = (list(x) for x in zip(*map(buffer_and_views, layouts)))
         cplx = members[0].is_complex()
         # the objects stored in the optimizer state (complex views for complex parameters)
         self.installed = [[torch.view_as_complex(v) if cplx else v for v in vs] for vs in self.views[2:]]
+        # (member indices or None = all in order, output view of buffers[0], of buffers[1])
+        self._cats: list[tuple[list[int] | None, torch.Tensor, torch.Tensor]] = []
+        self._rest = [i for i in order if not shapes[i]]  # 0-dim members
+        start = 0
+        for (scalar, _, rest), run in itertools.groupby(order, key=key.__getitem__):
+            if scalar:
+                break
+            idx = list(run)
+            numel = sum(math.prod(shapes[i]) for i in idx)
+            out_shape = (sum(shapes[i][0] for i in idx), *rest)
+            self._cats.append((None if idx == list(range(len(members))) else idx,
+                               *(b[start:start + numel].view(out_shape) for b in self.buffers[:2])))
+            start += numel
+
+    def load(self, k: int, tensors: list[torch.Tensor]) -> None:
+        """Copy the members' parameters (``k = 0``) or gradients (``k = 1``) into ``buffers[k]``."""
+        for idx, *outs in self._cats:
+            torch.cat(tensors if idx is None else [tensors[i] for i in idx], out=outs[k])
+        if self._rest:
+            torch._foreach_copy_([self.views[k][i] for i in self._rest], [tensors[i] for i in self._rest])
 
     def installed_in(self, states: list[dict[str, Any]]) -> bool:
         return all(all(map(operator.is_, [st[n] for st in states], objs))
@@ -434,26 +464,32 @@ class Optimizer(torch.optim.Optimizer):
 
     def _with_grads(self, group: dict[str, Any]) -> list[torch.Tensor]:
         """The parameters of ``group`` that have a gradient; :class:`SparseGradientError` if one is sparse."""
-        params = [p for p in group["params"] if p.grad is not None]
-        if any(p.grad.is_sparse for p in params):
+        return self._params_and_grads(group)[0]
+
+    def _params_and_grads(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """:meth:`_with_grads` and their gradients, each ``.grad`` read once (on a thousand small
+        tensors, every pass over them costs as much as the step's arithmetic)."""
+        params = list(group["params"])
+        grads = list(map(_GRAD, params))
+        if any(map(operator.is_, grads, itertools.repeat(None))):  # some parameters have no gradient
+            params = [p for p, g in zip(params, grads) if g is not None]
+            grads = [g for g in grads if g is not None]
+        if any(map(_IS_SPARSE, grads)):
             raise SparseGradientError(
                 f"{type(self).__name__} does not support sparse gradients; use a dense gradient "
                 "(e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam"
             )
-        return params
+        return params, grads
 
     def _step_group(self, group: dict[str, Any]) -> None:
-        params = self._with_grads(group)
+        params, grads = self._params_and_grads(group)
         if not params:
             return
-        grads = [p.grad for p in params]
         states = self._states_of(group, params)
         for p, st in zip(params, states):
-            if st:
-                st["step"] += 1
-            else:
+            if not st:
                 self._init_state(p, st, group)
-                st["step"] += 1
+            st["step"] += 1
 
         mode = self._mode(group)
         kernel = compiled(type(self).kernel) if mode == "fused" and self.compilable else type(self).kernel
@@ -461,9 +497,7 @@ class Optimizer(torch.optim.Optimizer):
 
         # buckets: same step count (bias corrections), dtype and device
         steps = [st["step"] for st in states]
-        dtypes = set(map(_DTYPE, params))
-        devices = set(map(_DEVICE, params)) if len(params) > 1 else {params[0].device}
-        if steps.count(steps[0]) == len(steps) and len(dtypes) == 1 and len(devices) == 1:
+        if steps.count(steps[0]) == len(steps) and len(set(map(_DTYPE_DEVICE, params))) == 1:
             buckets = {(steps[0], params[0].dtype, params[0].device): list(range(len(params)))}
         else:
             buckets = {}
@@ -486,11 +520,23 @@ class Optimizer(torch.optim.Optimizer):
                 and all(map(operator.is_, cached[1], params))):
             return cached[2]
         states = [self.state[p] for p in params]
-        self._state_lists[id(group)] = (self.state, params, states)
+        self._state_lists[id(group)] = (self.state, params, states, {})
         return states
 
+    def _small(self, group: dict[str, Any], idx: list[int], params: list[torch.Tensor]) -> list[int]:
+        """The indices in ``idx`` of tensors small enough to pack (``numel <= PACK_NUMEL``); for a
+        whole group, kept with :meth:`_states_of`'s cache, which (like the packs) knows parameters
+        by identity."""
+        if len(idx) != len(params):
+            return [i for i in idx if params[i].numel() <= PACK_NUMEL]
+        memo = self._state_lists[id(group)][3]
+        small = memo.get("small")
+        if small is None:
+            small = memo["small"] = [i for i in idx if params[i].numel() <= PACK_NUMEL]
+        return small
+
     def _run_elementwise(self, group, mode, kernel, static, h, cplx, idx, params, grads, states) -> None:
-        small = [i for i in idx if params[i].numel() <= PACK_NUMEL] if mode != "reference" else []
+        small = self._small(group, idx, params) if mode != "reference" else []
         if len(small) < 2 and not (small and mode == "fused"):
             small = []  # packing one tensor gains nothing (except a fixed shape when compiled)
         if small:
@@ -570,8 +616,8 @@ class Optimizer(torch.optim.Optimizer):
         if cplx:
             params = [_real(p) for p in params]
             grads = [_real(g) for g in grads]
-        torch._foreach_copy_(pack.views[0], params)
-        torch._foreach_copy_(pack.views[1], grads)
+        pack.load(0, params)
+        pack.load(1, grads)
         buffers = pack.buffers
         if shape is None and group["fused"] and self.compilable and self.flat_compilable and buffers[0].numel() > 1:
             run_flat(type(self).kernel, buffers, h, static)

@@ -319,8 +319,8 @@ class AdamWSN(PerTensorOptimizer):
             pack = self._new_pack(key, params, names, shapes)
         if not pack.installed_in(states):
             pack.adopt(states)
-        torch._foreach_copy_(pack.views[0], params)
-        torch._foreach_copy_(pack.views[1], [p.grad for p in params])
+        pack.load(0, params)
+        pack.load(1, [p.grad for p in params])
         buffers = [pack.buffers[0].view(shape), pack.buffers[1].view(shape), pack.buffers[2].view(sq_shape)]
         if len(names) == 2:
             buffers.append(pack.buffers[3].view(shape))
