@@ -570,3 +570,24 @@ def test_dog_zero_first_gradient_takes_no_step(cls):
     x.grad = torch.ones(4, dtype=DT)
     opt.step()  # now the first nonzero gradient: step r_eps / ||g||
     close(x.detach(), x0 - 1e-6 * (1 + x0.norm()) / 2.0, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("mode", [dict(foreach=False), dict(), dict(fused=True)])
+@pytest.mark.parametrize("cls", [DoG, LDoG])
+def test_dog_parameter_without_gradient_keeps_its_distance(cls, mode):
+    """A parameter that stops getting gradients is not stepped and adds nothing to the gradient sum,
+    but its displacement still counts in DoG's group distance: the trajectory equals the paper's
+    formula with zero gradients for it (weight decay 0, where a zero gradient is no step)."""
+    x0s, grads = dog_problem(steps=16)
+    stop = 6
+    ps = [x.clone().requires_grad_() for x in x0s]
+    opt = cls(ps, reps_rel=1e-2, **mode)
+    for t, gs in enumerate(grads):
+        for i, (p, g) in enumerate(zip(ps, gs)):
+            p.grad = None if (i == 0 and t >= stop) else g.clone()
+        opt.step()
+    zeroed = [[torch.zeros_like(g) if (i == 0 and t >= stop) else g for i, g in enumerate(gs)]
+              for t, gs in enumerate(grads)]
+    ref, _ = paper_dog(x0s, zeroed, layerwise=cls is LDoG, reps_rel=1e-2)
+    for x, y in zip(ps, ref[-1]):
+        close(x.detach(), y, rtol=1e-12, atol=1e-14)

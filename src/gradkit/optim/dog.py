@@ -126,20 +126,24 @@ class DoG(Optimizer):
         if not params:
             return
         fast = self._mode(group) != "reference"
+        states = self._states_of(group, params)
         new = []
-        for p in params:
-            st = self.state[p]
+        for p, st in zip(params, states):
             if not st:
                 self._init_state(p, st, group)
                 new.append(p)
             st["step"] += 1
         grads = self._directions(group, params)
         # parameters whose distance counts: all with state (global), the stepping ones (layer-wise)
-        moved = params if self.layerwise else [p for p in group["params"] if "x0" in self.state.get(p, {})]
-        distances = _distances(moved, [self.state[p]["x0"] for p in moved], self._mode(group))
+        if self.layerwise or len(params) == len(group["params"]):
+            moved, origins = params, [st["x0"] for st in states]
+        else:
+            moved = [p for p in group["params"] if "x0" in self.state.get(p, {})]
+            origins = [self.state[p]["x0"] for p in moved]
+        distances = _distances(moved, origins, self._mode(group))
         # one host read for every norm of the step: ||x0|| of new parameters, distances, gradients
         norms = _norms(new, fast) + distances + _norms(grads, fast)
-        host = torch.stack([n.to(torch.float64) for n in norms]).tolist()
+        host = torch.stack(norms).to(torch.float64).tolist()  # stack promotes mixed dtypes exactly
         x0_norm, dist, gnorm = host[:len(new)], host[len(new):len(new) + len(moved)], host[len(new) + len(moved):]
         lr, reps_rel, eps = as_float(group["lr"]), group["reps_rel"], group["eps"]
 
@@ -147,8 +151,7 @@ class DoG(Optimizer):
             for p, n in zip(new, x0_norm):
                 self.state[p]["rbar"] = reps_rel * (1 + n)
             etas = []
-            for p, d, gn in zip(params, dist, gnorm):
-                st = self.state[p]
+            for st, d, gn in zip(states, dist, gnorm):
                 first = st["step"] == 1
                 st["rbar"] = max(st["rbar"], d)
                 st["gsq"] += gn * gn + (eps if first else 0.0)
