@@ -225,3 +225,18 @@ def test_pack_load_places_each_member_at_its_views_in_aligned_buffers():
         assert [v.storage_offset() for v in pack.views[k]] == [v.storage_offset() for v in pack.views[0]]
     # vectors, (·, 4) matrices and (·, 2, 2) tensors: three concatenations, and the two 0-dim members
     assert len(pack._cats) == 3 and len(pack._rest) == 2
+
+
+def _dot(a, b, *, h):
+    return (a * b).sum()
+
+
+def test_run_flat_on_rank_four_inputs_falls_back_to_torch_compile():
+    """The guard-free path traces with example tensors of ~1000 entries per dimension; rank > 3
+    would make them tens of gigabytes, so such inputs take torch.compile instead (same result)."""
+    from gradkit.optim._base import run_flat
+
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(2, 3, 4, 5, generator=g, dtype=DT) for _ in range(2))
+    torch.testing.assert_close(run_flat(_dot, [a, b], torch.zeros(1, dtype=DT), {}), (a * b).sum(),
+                               rtol=1e-13, atol=0)

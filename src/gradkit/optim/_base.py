@@ -224,6 +224,8 @@ def _graph_compiled(kernel: Kernel, static: tuple, dtypes: tuple, h_dtype: torch
             out = kernel(*args[:-1], h=args[-1], **options)
             return () if out is None else out
 
+        if len(ones) > 3:  # the example tensors below would be ~1000**rank elements
+            raise ValueError(f"rank {len(ones)} > 3")
         shape = _trace_shape(ones)
         if h_len in shape:
             raise ValueError(f"len(h) = {h_len} equals a traced size")
