@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 
 import pytest
 import torch
@@ -206,6 +207,71 @@ def test_optimistic_amsgrad_history_is_updated_incrementally(monkeypatch):
         calls.clear()
         twin.step()
         assert n_opt == span - 1 and len(calls) in (span - 1, span * (span - 1) // 2)
+        assert torch.equal(x, y)
+
+
+BATCH_SHAPES = [(4, 3)] * 5 + [(6,)] * 3 + [(7,), ()]  # two batches, two tensors stored alone
+
+
+def _batched_run(steps, seed=2, stop=(10, 1), opt=None, params=None, start=0, **kw):
+    """Steps ``start .. steps-1`` of a fixed gradient stream on BATCH_SHAPES; parameter ``stop[1]``
+    gets no gradient from step ``stop[0]`` on."""
+    g = torch.Generator().manual_seed(seed)
+    stream = [[torch.randn(s, generator=g, dtype=DT) for s in BATCH_SHAPES] for _ in range(steps)]
+    if params is None:
+        params = [x_init(s, seed=20 + i).requires_grad_() for i, s in enumerate(BATCH_SHAPES)]
+        opt = OptimisticAMSGrad(params, lr=1e-2, span=4, **kw)
+    for t in range(start, steps):
+        for i, (p, grad) in enumerate(zip(params, stream[t])):
+            p.grad = None if (i == stop[1] and t >= stop[0]) else grad.clone()
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("mode", [dict(), dict(fused=True)])
+def test_optimistic_amsgrad_batched_history_equals_reference_and_resumes_exactly(mode, monkeypatch):
+    """The fast paths store the histories of small same-shape tensors as one batch (stacked dot
+    products, one total per batch): equal to the per-tensor reference; the batch total is the
+    dense Gram sum; a restored optimizer continues bit for bit, and so does one whose stored
+    difference the user replaced (its cached total is rebuilt)."""
+    stored_alone = []
+    real_store = OptimisticAMSGrad._store
+    monkeypatch.setattr(OptimisticAMSGrad, "_store",
+                        lambda self, p, st, step: stored_alone.append(p.shape) or real_store(self, p, st, step))
+    ref, _ = _batched_run(20, foreach=False)
+    assert {(4, 3), (6,)} <= set(stored_alone)  # the reference stores every tensor alone
+    stored_alone.clear()
+    fast, opt = _batched_run(20, **mode)
+    assert set(stored_alone) == {(), (7,)}  # the fast paths only the two without a batch
+    for x, y in zip(ref, fast):
+        close(x, y, rtol=1e-12, atol=1e-13)
+    # the batch's cached total is the Gram matrix of the stored differences of its members (the
+    # (4, 3) tensors still getting gradients)
+    key = next(k for k in opt._dot_cache if isinstance(k, tuple) and k[1] == torch.Size((4, 3)))
+    members = [p for i, p in enumerate(fast) if BATCH_SHAPES[i] == (4, 3) and i != 1]
+    assert len(opt._dot_cache[key][0]) == 4 and all(map(operator.is_, opt._dot_cache[key][0], members))
+    diffs = [torch.stack([opt.state[p][f"diff_{k}"].reshape(-1) for k in range(3)]) for p in members]
+    close(opt._dot_cache[key][3], sum(d @ d.T for d in diffs), rtol=1e-13)
+    # resume at step 12: a fresh optimizer loading the state continues bit for bit
+    base, base_opt = _batched_run(12, **mode)
+    saved = copy.deepcopy(base_opt.state_dict())
+    twin = [p.detach().clone().requires_grad_() for p in base]
+    twin_opt = OptimisticAMSGrad(twin, lr=1e-2, span=4, **mode)
+    twin_opt.load_state_dict(saved)
+    _batched_run(20, opt=base_opt, params=base, start=12)
+    _batched_run(20, opt=twin_opt, params=twin, start=12)
+    for x, y in zip(base, twin):
+        assert torch.equal(x, y)
+    # a stored difference the user replaces (a new tensor) is seen: the batch's total is rebuilt,
+    # and the run continues as a fresh optimizer restored from the modified state does
+    member = next(p for p in base if p.shape == (6,))
+    base_opt.state[member]["diff_0"] = base_opt.state[member]["diff_0"] * 2
+    fresh = [p.detach().clone().requires_grad_() for p in base]
+    fresh_opt = OptimisticAMSGrad(fresh, lr=1e-2, span=4, **mode)
+    fresh_opt.load_state_dict(copy.deepcopy(base_opt.state_dict()))
+    _batched_run(26, seed=4, opt=base_opt, params=base, start=20)
+    _batched_run(26, seed=4, opt=fresh_opt, params=fresh, start=20)
+    for x, y in zip(base, fresh):
         assert torch.equal(x, y)
 
 
