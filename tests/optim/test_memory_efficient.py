@@ -84,6 +84,40 @@ def test_microadam_moments_are_window_sums():
         torch.testing.assert_close(p.detach(), x, rtol=1e-13, atol=1e-14)
 
 
+@pytest.mark.parametrize("eps", [1e-8, 0.0])
+@pytest.mark.parametrize("mode", [dict(foreach=False), dict(fused=True)])
+def test_microadam_sparse_window_step(eps, mode):
+    """Density < 1: the moments are the window sums of the sent (sparse) gradients, so a step moves
+    only the coordinates in the window; every coordinate takes the decoupled decay.  With eps = 0
+    the others stay finite (their m and v are both 0)."""
+    b1, b2, lr, wd, w, T = 0.8, 0.9, 0.05, 0.1, 3, 8
+    shapes = [(20, 30), (20, 30), (7,)]
+    stream = grads(shapes, T, seed=4)
+    ps = params(shapes, seed=5)
+    opt = MicroAdam(ps, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, density=0.05, bits=None, window=w,
+                    value_dtype=None, **mode)
+    for t in range(1, T + 1):
+        before = [p.detach().clone() for p in ps]
+        for p, g in zip(ps, stream[t - 1]):
+            p.grad = g.clone()
+        opt.step()
+        for p, x in zip(ps, before):
+            st, d = opt.state[p], p.numel()
+            n = min(t, w)
+            offsets = opt._offsets(d, 0.05, p.device)
+            m, v = torch.zeros(d, dtype=x.dtype), torch.zeros(d, dtype=x.dtype)
+            for r in range(n):  # window row r holds step s = t - age
+                age = (t - 1 - r) % w
+                idx, val = st["indices"][r].long() + offsets, st["values"][r]
+                m.index_add_(0, idx, (1 - b1) * b1**age / (1 - b1**t) * val)
+                v.index_add_(0, idx, (1 - b2) * b2**age / (1 - b2**t) * val * val)
+            moved = v > 0
+            expected = x.reshape(-1) * (1 - lr * wd)
+            expected[moved] -= lr * m[moved] / (v[moved].sqrt() + eps)
+            torch.testing.assert_close(p.detach().reshape(-1), expected, rtol=1e-13, atol=1e-15)
+            assert 0 < int(moved.sum()) <= n * offsets.numel() < d
+
+
 @pytest.mark.parametrize("value_dtype", [None, torch.bfloat16])
 def test_microadam_error_feedback_invariant(value_dtype):
     """sent + new error = gradient + old error, up to the 4-bit quantisation bound u_b/2 per bucket;

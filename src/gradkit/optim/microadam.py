@@ -318,13 +318,23 @@ class MicroAdam(PerTensorOptimizer):
         vals = values[:, :n].to(compute)
         m = torch.zeros(B, d, dtype=compute, device=device).scatter_add_(1, idx, (w1[:, None] * vals).view(B, -1))
         v = torch.zeros(B, d, dtype=compute, device=device).scatter_add_(1, idx, (w2[:, None] * vals * vals).view(B, -1))
-        update = m.div_(v.sqrt_().add_(eps))
+        # the moments vanish off the window's coordinates, and so does the Adam step: it is formed
+        # at the window's entries only (a coordinate in several rows gets the same value each time)
+        update = m.gather(1, idx).div_(v.gather(1, idx).sqrt_().add_(eps))
 
-        # 5. decoupled weight decay, then the step
-        new = rows([p.detach().reshape(-1) for p in params]).to(compute) * (1 - lr * wd) - lr * update
-        if B == 1:
-            params[0].copy_(new.view(params[0].shape))
+        # 5. decoupled weight decay on every coordinate, then the step on the window's
+        flat = [p.detach().view(-1) for p in params] if all(p.is_contiguous() for p in params) else None
+        current = rows(flat or [p.detach().reshape(-1) for p in params])
+        stepped = (current.gather(1, idx).to(compute) * (1 - lr * wd) - lr * update).to(params[0].dtype)
+        if B == 1 and flat is not None:  # in place on the parameter
+            if wd:
+                flat[0].mul_(1 - lr * wd)
+            flat[0].scatter_(0, idx[0], stepped[0])
             return
+        new = current.to(compute) * (1 - lr * wd) if wd else current  # stacked or reshaped: a copy
+        new = new.to(params[0].dtype).scatter_(1, idx, stepped)
         torch._foreach_copy_(params, [x.view(p.shape) for x, p in zip(new, params)])
+        if B == 1:
+            return
         for n_ in names:
             torch._foreach_copy_([state[n_] for state in states], list(st[n_].unbind(0)))
