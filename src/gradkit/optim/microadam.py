@@ -48,11 +48,12 @@ def quantize_4bit_rows(x: torch.Tensor, bucket: int) -> tuple[torch.Tensor, torc
     ``(B, n_buckets, 2)``, row ``b`` equal to ``quantize_4bit(x[b], bucket)``."""
     rows, n = x.shape
     xb = _buckets(x, bucket)
-    lo, hi = xb.amin(dim=2), xb.amax(dim=2)
+    lo, hi = torch.aminmax(xb, dim=2)
     u = (hi - lo) / 15
     safe = torch.where(u > 0, u, torch.ones_like(u))
-    q = torch.floor((xb - lo[..., None]) / safe[..., None] + 0.5).clamp_(0, 15)
-    q = torch.where(u[..., None] > 0, q, torch.zeros_like(q)).view(rows, -1)[:, :n].to(torch.uint8)
+    # floor((x - lo) / u + 1/2) clamped to [0, 15], 0 unless u > 0: in place on one temporary
+    q = (xb - lo[..., None]).div_(safe[..., None]).add_(0.5).floor_().clamp_(0, 15)
+    q = q.masked_fill_(~(u > 0)[..., None], 0).view(rows, -1)[:, :n].to(torch.uint8)
     if n % 2:
         q = torch.cat([q, q.new_zeros(rows, 1)], dim=1)
     codes = (q[:, 0::2] << 4) | q[:, 1::2]
@@ -72,7 +73,7 @@ def dequantize_4bit_rows(codes: torch.Tensor, scales: torch.Tensor, n: int, buck
     lo, hi = scales[..., 0], scales[..., 1]
     u = (hi - lo) / 15
     qb = _buckets(q.to(scales.dtype), bucket)
-    return (lo[..., None] + qb * u[..., None]).view(rows, -1)[:, :n]
+    return qb.mul_(u[..., None]).add_(lo[..., None]).view(rows, -1)[:, :n]  # lo + q u, in place
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,10 +299,11 @@ class MicroAdam(PerTensorOptimizer):
         row = (step - 1) % window
         indices, values = st["indices"], st["values"]
         indices[:, row] = local.to(torch.int16)
-        values[:, row] = a.gather(1, gidx).to(values.dtype)
+        sent = a.gather(1, gidx)
+        values[:, row] = sent.to(values.dtype)
 
         # 3. the rest (and the rounding residual of the stored values) becomes the new error
-        a.scatter_(1, gidx, a.gather(1, gidx) - values[:, row].to(compute))
+        a.scatter_(1, gidx, sent - values[:, row].to(compute))
         if "scales" in st:
             codes, scales = quantize_4bit_rows(a, group["quant_bucket_size"])
             st["error"].copy_(codes)
