@@ -183,8 +183,9 @@ class DoG(Optimizer):
         if fast and opmath_dtype(params[0].dtype) == params[0].dtype and len({p.dtype for p in params}) == 1:
             if len(set(etas)) == 1:
                 torch._foreach_add_(params, grads, alpha=-etas[0])
-            else:
-                torch._foreach_sub_(params, torch._foreach_mul(grads, etas))
+            else:  # x + (-eta) g 1: per-tensor scalars without a temporary per tensor
+                one = torch.ones((), dtype=params[0].dtype)
+                torch._foreach_addcmul_(params, grads, [one] * len(params), [-eta for eta in etas])
             return
         for p, g, eta in zip(params, grads, etas):
             if opmath_dtype(p.dtype) == p.dtype:
