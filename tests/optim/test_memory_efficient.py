@@ -285,8 +285,9 @@ def _matrices(ps):
     return [p for p in ps if p.dim() >= 2]
 
 
-@pytest.mark.parametrize("order, complement", [(o, "sign") for o in ORDERS] + [("descending", "sgd")])
-def test_frugal_blocks_match_the_paper(order, complement):
+@pytest.mark.parametrize("order, complement, mode", [(o, "sign", {}) for o in ORDERS] + [
+    ("descending", "sgd", {}), ("ascending", "sign", {"foreach": False}), ("ascending", "sgd", {"fused": True})])
+def test_frugal_blocks_match_the_paper(order, complement, mode):
     """Algorithm 1 with whole tensors as blocks, against torch.optim.AdamW: k = round(rho n) of the n
     matrices are active in each period and take AdamW's steps from a fresh AdamW (moments and bias
     correction restarted at each refresh, also for a tensor that stays active), the others take
@@ -297,7 +298,7 @@ def test_frugal_blocks_match_the_paper(order, complement):
     stream = grads(BLOCK_SHAPES, 20, seed=4)
     a, b = params(BLOCK_SHAPES), params(BLOCK_SHAPES)
     opt = FRUGAL(a, lr=lr, betas=betas, eps=eps, weight_decay=wd, density=rho, update_gap=T, block_order=order,
-                 complement=complement, complement_lr_scale=kappa, seed=3)
+                 complement=complement, complement_lr_scale=kappa, seed=3, **mode)
     adam = dict(lr=lr, betas=betas, eps=eps, weight_decay=wd)
     vectors = torch.optim.AdamW([q for q in b if q.dim() < 2], **adam)
     expected = authors_block_orders(order, n, k, 7) if order != "random" else None

@@ -175,7 +175,8 @@ class FRUGAL(PerTensorOptimizer):
     Moments have the parameter's dtype; 16-bit parameters are computed in float32.  Complex
     parameters are refused.  The default and fused paths batch the small float32/float64 tensors
     of one shape, step count and status (vectors, ``"blocks"`` and ``"columns"`` matrices) and step
-    the state-free parts in place; ``foreach=False`` is the one-tensor-at-a-time reference.
+    the state-free parts in place; ``fused=True`` also steps each large AdamW or state-free block
+    in one compiled pass; ``foreach=False`` is the one-tensor-at-a-time reference.
     """
 
     supports_complex = False
@@ -373,16 +374,16 @@ class FRUGAL(PerTensorOptimizer):
         fast = self._mode(group) != "reference" and compute == p0.dtype
         blocks = group["projector"] == "blocks"
         whole = p0.dim() < 2 or (blocks and state["active"])  # AdamW on the whole tensor
-        if (fast and B == 1 and p0.numel() > PACK_NUMEL and p0.is_contiguous() and p0.grad.is_contiguous()
-                and (whole or blocks)):  # one compiled pass over a large tensor, no temporaries
+        if (fast and group["fused"] and B == 1 and p0.numel() > PACK_NUMEL and p0.is_contiguous()
+                and p0.grad.is_contiguous() and (whole or blocks)):  # fused: one compiled pass, no temporaries
             flat = [p0.detach().view(-1), p0.grad.view(-1)]
             if whole:
                 (beta1, beta2), step = group["betas"], state["step"] if p0.dim() < 2 else state["adam_step"]
                 h = [lr / (1 - beta1**step), beta1, beta2, group["eps"], 1 - lr * wd, (1 - beta2**step) ** 0.5]
                 flat += [state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)]
-                run_flat(_adamw_flat, flat, torch.tensor(h, dtype=compute), {"maximize": group["maximize"]})
+                run_flat(_adamw_flat, flat, torch.tensor(h, dtype=compute, device=p0.device), {"maximize": group["maximize"]})
             else:
-                h = torch.tensor([1 - lr * wd, lr * group["complement_lr_scale"]], dtype=compute)
+                h = torch.tensor([1 - lr * wd, lr * group["complement_lr_scale"]], dtype=compute, device=p0.device)
                 run_flat(_free_flat, flat, h, {"maximize": group["maximize"], "sign": group["complement"] == "sign"})
             return
 
