@@ -234,9 +234,11 @@ def _dot(a, b, *, h):
 def test_run_flat_on_rank_four_inputs_falls_back_to_torch_compile():
     """The guard-free path traces with example tensors of ~1000 entries per dimension; rank > 3
     would make them tens of gigabytes, so such inputs take torch.compile instead (same result)."""
-    from gradkit.optim._base import run_flat
+    from gradkit.optim._base import _graph_compiled, run_flat
 
     g = torch.Generator().manual_seed(1)
     a, b = (torch.randn(2, 3, 4, 5, generator=g, dtype=DT) for _ in range(2))
+    # refused before any example tensor is made (rank 4 would need ~3e9 entries per input)
+    assert _graph_compiled(_dot, (), (DT, DT), DT, 1, a.device, (False,) * 4) is None
     torch.testing.assert_close(run_flat(_dot, [a, b], torch.zeros(1, dtype=DT), {}), (a * b).sum(),
                                rtol=1e-13, atol=0)

@@ -122,7 +122,7 @@ class DoG(Optimizer):
 
     # -- the step ----------------------------------------------------------------------------
     def _step_group(self, group: dict[str, Any]) -> None:
-        params = self._with_grads(group)
+        params, grads = self._params_and_grads(group)
         if not params:
             return
         fast = self._mode(group) != "reference"
@@ -133,7 +133,7 @@ class DoG(Optimizer):
                 self._init_state(p, st, group)
                 new.append(p)
             st["step"] += 1
-        grads = self._directions(group, params)
+        grads = self._directions(group, params, grads)
         # parameters whose distance counts: all with state (global), the stepping ones (layer-wise)
         if self.layerwise or len(params) == len(group["params"]):
             moved, origins = params, [st["x0"] for st in states]
@@ -167,9 +167,9 @@ class DoG(Optimizer):
             etas = [lr * group["dog_rbar"] / math.sqrt(gsq) if gsq > 0 else 0.0] * len(params)
         self._apply(params, grads, etas, fast)
 
-    def _directions(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _directions(self, group: dict[str, Any], params: list[torch.Tensor],
+                    grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """The gradients to step along: ``g`` (``-g`` when maximizing) plus ``weight_decay * x``."""
-        grads = [p.grad for p in params]
         if group["maximize"]:
             grads = [-g for g in grads]
         wd = group["weight_decay"]
@@ -183,9 +183,11 @@ class DoG(Optimizer):
         if fast and opmath_dtype(params[0].dtype) == params[0].dtype and len({p.dtype for p in params}) == 1:
             if len(set(etas)) == 1:
                 torch._foreach_add_(params, grads, alpha=-etas[0])
-            else:  # x + (-eta) g 1: per-tensor scalars without a temporary per tensor
+            elif params[0].device.type == "cpu":  # x + (-eta) g 1: no temporary per tensor
                 one = torch.ones((), dtype=params[0].dtype)
                 torch._foreach_addcmul_(params, grads, [one] * len(params), [-eta for eta in etas])
+            else:  # a broadcast 0-dim tensor would take foreach's per-tensor fallback on a GPU
+                torch._foreach_sub_(params, torch._foreach_mul(grads, etas))
             return
         for p, g, eta in zip(params, grads, etas):
             if opmath_dtype(p.dtype) == p.dtype:

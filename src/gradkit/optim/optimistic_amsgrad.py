@@ -190,7 +190,9 @@ class OptimisticAMSGrad(Optimizer):
         self.state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "half_param", "prediction") + (
             ("last_grad",) + tuple(f"diff_{k}" for k in range(span - 1)) if self._extrapolates else ())
         self._weights: dict[int, dict[int, list[float]]] = {}
-        self._dot_cache: dict[int, tuple] = {}  # id(param) -> (key, flat views, dots, step, weakref)
+        # id(param) -> (key, flat views, dots, step, weakref) for _store; (id(group), shape, dtype,
+        # device) -> (members, stored differences, step, dots) for _store_batch
+        self._dot_cache: dict[Any, tuple] = {}
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, reg=reg,
                                       bias_correction=bias_correction),
                          maximize=maximize, foreach=foreach, fused=fused)
