@@ -48,6 +48,29 @@ def test_hook_path_equals_chain_path_on_mlps(act):
         torch.testing.assert_close(hook_path(model, layer, clean, corrupt, logit_diff, batch_size=4), chain, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("act", [nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.Mish, nn.Hardswish, nn.Softsign,
+                                 nn.SELU, nn.CELU, nn.Hardtanh])
+def test_identity_rule_of_other_activations_equals_the_secant(act):
+    """Activations with no chain rule take the identity rule on the hook path: f(z) passed on as
+    z * (f(z)/z) with the ratio held constant (0 at z = 0; Sigmoid and Hardsigmoid are not 0 there)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 8), act(), nn.Linear(8, 3)).to(D)
+    clean, corrupt = randn(5, 6, seed=3), randn(5, 6, seed=4)
+    with torch.no_grad():
+        clean[0, :] = 0.0  # some pre-activations at exactly 0 (first layer's bias zeroed too)
+        model[0].bias[:4] = 0.0
+
+    def reference(model, x, name):
+        z = model[0](x)
+        if name == "0":
+            z = z.detach().requires_grad_(True)
+        out = model[2](z * secant(z, model[1](z)).detach())
+        return logit_diff(out), z
+
+    got = relevance_patching(model, model[0], clean, corrupt, logit_diff)
+    torch.testing.assert_close(got, _relp_reference(reference, model, "0", clean, corrupt), rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 def test_hook_path_equals_chain_path_on_a_cnn(inplace):
     torch.manual_seed(3)
@@ -353,11 +376,20 @@ def test_attention_hook_fires_inside_transformer_encoder_layer_in_eval_mode():
     got = relevance_patching(model, model.embed, clean, corrupt, logit_diff, rules={nn.MultiheadAttention: spy}, batch_size=2)
     assert calls == [True, True]
     torch.testing.assert_close(got, relevance_patching(model, model.embed, clean, corrupt, logit_diff), rtol=0, atol=0)
-    # a user rule for an element-wise module type (here replacing nothing: the same identity rule)
+    # a user rule for an element-wise module type replaces the built-in identity rule: one that
+    # keeps the output (the plain gradient) turns RelP into attribution patching
     mlp = nn.Sequential(nn.Linear(10, 6), nn.Softplus(), nn.Linear(6, 3)).to(D)
     c, k = randn(4, 10, seed=1), randn(4, 10, seed=2)
-    torch.testing.assert_close(relevance_patching(mlp, mlp[0], c, k, 0, rules={nn.Softplus: identity_rule}),
-                               relevance_patching(mlp, mlp[0], c, k, 0), rtol=0, atol=0)
+    kept = []
+
+    def plain(module, args, kwargs, output):
+        kept.append(module)
+        return output
+
+    got = relevance_patching(mlp, mlp[0], c, k, 0, rules={nn.Softplus: plain})
+    assert kept and all(m is mlp[1] for m in kept)
+    torch.testing.assert_close(got, attribution_patching(mlp, mlp[0], c, k, 0), rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(got, relevance_patching(mlp, mlp[0], c, k, 0), rtol=1e-3, atol=0)
 
 
 # --------------------------------------------------------------------------- defining properties
