@@ -400,6 +400,21 @@ def test_certified_bound_of_an_affine_model_is_zero():
     assert bool((bound.distance == 0).all()) and bool((bound.cosine == 1).all())
 
 
+def test_certified_bound_passes_through_eval_dropout_and_flatten(trained):
+    """Dropout of any kind, Identity and Flatten are identity maps (the bound evaluates the model in
+    eval mode, as every explanation does): the certificate is that of the chain without them."""
+    model, x, labels = trained
+    padded = nn.Sequential(nn.Flatten(), model[0], nn.AlphaDropout(0.2), model[1], nn.Dropout1d(0.3),
+                           nn.Identity(), *model[2:]).eval()
+    plain = rb.deviation_bound(model, x, labels, eps=0.05, certified=True)
+    got = rb.deviation_bound(padded, x, labels, eps=0.05, certified=True)
+    torch.testing.assert_close(got.distance, plain.distance, rtol=1e-12, atol=0)
+    padded.train()
+    torch.testing.assert_close(rb.deviation_bound(padded, x, labels, eps=0.05, certified=True).distance,
+                               plain.distance, rtol=1e-12, atol=0)
+    assert padded.training  # the caller's mode is restored
+
+
 def test_certified_bound_refuses_what_it_cannot_bound(trained):
     model, x, labels = trained
     with pytest.raises(ValueError, match="saliency"):

@@ -25,14 +25,14 @@ import torch
 from torch import Tensor, nn
 
 from gradkit.core.functional import global_module_hooks, module_has_hooks
-from gradkit.explain.lrp import _leaves
+from gradkit.explain.lrp import _IDENTITY, _leaves
 
 #: σ' and σ'' as polynomials in t = σ(p), coefficients in ascending powers
 _SMOOTH: dict[type, tuple[Any, tuple[list[float], list[float]]]] = {
     nn.Tanh: (torch.tanh, ([1, 0, -1], [0, -2, 0, 2])),
     nn.Sigmoid: (torch.sigmoid, ([0, 1, -1], [0, 1, -3, 2])),
 }
-_PASS = (nn.Identity, nn.Flatten, nn.Dropout)
+_PASS = (*_IDENTITY, nn.Flatten)  # identity maps (dropout in eval mode)
 
 
 def _critical_points(coeffs: list[float]) -> list[float]:
@@ -93,10 +93,8 @@ def check_chain(model: Any) -> list[nn.Module]:
         if not (type(m) in _SMOOTH or type(m) in (nn.Linear, *_PASS)):
             raise TypeError(
                 "the certified bound supports nn.Sequential chains of Linear, Tanh, Sigmoid, Flatten, Identity and "
-                f"eval Dropout (smooth layers with known derivative ranges); got {name} ({type(m).__name__})"
+                f"Dropout (evaluated in eval mode; smooth layers with known derivative ranges); got {name} ({type(m).__name__})"
             )
-        if isinstance(m, nn.Dropout) and m.training:
-            raise ValueError(f"{name} (Dropout) is in training mode; call model.eval()")
         if type(m) is nn.Linear or type(m) in _SMOOTH:
             layers.append(m)
     return layers

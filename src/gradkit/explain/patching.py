@@ -305,10 +305,10 @@ def _rule_hook(fn: RuleFn, label: str, name: str, check: bool) -> Callable[..., 
     :func:`_preserve` of it and the rule's linearisation; other outputs are passed on detached."""
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
-        first = out[0] if isinstance(out, (tuple, list)) and out else out
-        if not isinstance(first, Tensor):
-            raise TypeError(f"{label} on {name} ({type(module).__name__}): the module returned {type(out).__name__}; "
-                            "a linearised module must return a tensor or a tuple starting with one")
+        try:
+            first, _ = layer_output(module, out)
+        except TypeError as err:
+            raise TypeError(f"{label} on {name}: {err}") from None
         lin = fn(module, args, kwargs, out)
         if not isinstance(lin, Tensor) or lin.shape != first.shape:
             got = tuple(lin.shape) if isinstance(lin, Tensor) else type(lin).__name__

@@ -32,7 +32,7 @@ from gradkit.explain._common import (
     eval_mode,
     sweep,
 )
-from gradkit.explain._hessian_interval import check_chain, hessian_interval
+from gradkit.explain._hessian_interval import hessian_interval
 from gradkit.explain.integrated import integrated_gradients
 from gradkit.explain.saliency import saliency
 from gradkit.explain.smooth import _noisy_points
@@ -506,15 +506,13 @@ def deviation_bound(
             raise ValueError("certified=True bounds the saliency map (attribution=saliency) only")
         if callable(target) and not isinstance(target, Tensor):
             raise ValueError("certified=True needs a class index or a tensor of indices as target, not a callable")
-        with eval_mode(model):
-            check_chain(model)  # before the Jacobian: unsupported models fail with the clear error
+        with eval_mode(model):  # before the Jacobian: unsupported models fail with the clear error
+            low, high = hessian_interval(model, inputs, check_target(target, inputs.shape[0]), eps, norm)
     jac = attribution_jacobian(model, inputs, target, attribution)
     with eval_mode(model):
         phi = attribution(model, inputs, target).detach().reshape(inputs.shape[0], -1)
     spectral = torch.linalg.matrix_norm(jac, ord=2)
     if certified:
-        with eval_mode(model):
-            low, high = hessian_interval(model, inputs, check_target(target, inputs.shape[0]), eps, norm)
         sup_norm = torch.linalg.matrix_norm((high + low) / 2, ord=2) + torch.linalg.matrix_norm((high - low) / 2, ord=2)
         entries = torch.maximum(low.abs(), high.abs())
     else:
