@@ -146,7 +146,9 @@ def test_structure_check_without_optimality_check_runs_once_per_signature():
     calls.clear()
     solver(None, lam, scale=2.0)  # another constant keyword: checked again
     solver(None, lam.float())  # another dtype: checked again
-    assert len(calls) == 2
+    solver(None, lam, scale=2)  # an equal constant of another type (int): checked again
+    solver(None, lam, scale=2.0)  # seen before: not checked
+    assert len(calls) == 3
     # with the optimality check on, F is evaluated on every call
     checked = custom_root(counted)(lambda init, l: ridge_closed_form(l))
     calls.clear()

@@ -30,6 +30,7 @@ from gradkit.bilevel._solver_base import (
     check_schedule,
     progress_bar,
 )
+from gradkit.implicit.projections import projection_l2_ball
 
 __all__ = ["bsvrb", "msvr_update"]
 
@@ -81,9 +82,7 @@ def _project_ball(v: Tensor, radius: float | None) -> Tensor:
     """Each row ``v_i`` onto ``{‖v_i‖ <= R}`` (``main.py`` lines 322-324); ``None``: unchanged."""
     if radius is None:
         return v
-    norm = torch.linalg.vector_norm(v.reshape(v.shape[0], -1), dim=1)
-    scale = torch.where(norm > radius, radius / norm, torch.ones_like(norm))
-    return v * scale.reshape(-1, *([1] * (v.ndim - 1)))
+    return projection_l2_ball(v.reshape(len(v), -1), radius).reshape(v.shape)
 
 
 def _rescale_up(H: Tensor, bound: float) -> Tensor:
@@ -325,7 +324,7 @@ def bsvrb(
     def upper_grad_y(a: Tensor, yb: Tensor, idx: Tensor) -> Tensor:
         return torch.func.grad(upper_sum, argnums=1)(a, yb, idx).detach()
 
-    perm = torch.arange(m)
+    perm = torch.arange(0)  # the current pass's order (reshuffled at its first block)
     per_pass = m // n_blocks
 
     def sample(t: int) -> Tensor:

@@ -86,12 +86,12 @@ class _Call:
     def __init__(
         self, solver: Callable[..., Any], residual: Callable[..., Any], sign: float, opts: SolveOptions,
         has_aux: bool, where: str, fn_name: str, args: tuple[Any, tuple[Any, ...], dict[str, Any]],
-        keywords: frozenset[str] | None = frozenset(), checked: set[Any] | None = None,
+        keywords: frozenset[str] | None, checked: set[Any],
     ) -> None:
         self.solver, self.residual, self.sign, self.opts = solver, residual, sign, opts
         # signatures whose residual structure an earlier call already checked (shared by the calls
         # of one decorated solver; used only with check_optimality=False)
-        self.checked = set() if checked is None else checked
+        self.checked = checked
         # keyword arguments the optimality function accepts: passed to it and differentiated
         self.shared = [k for k in args[2] if keywords is None or k in keywords]
         self.has_aux, self.where, self.fn_name = has_aux, where, fn_name
@@ -221,7 +221,8 @@ class _Call:
         """What the structure of ``F(x*, θ)`` can depend on: the argument and solution structures,
         the tensors' shapes, dtypes and devices, and the other (constant) leaves; None when a
         constant is not hashable."""
-        constants = tuple(leaf for leaf in self.leaves if not isinstance(leaf, Tensor))
+        # with their types: True, 1 and 1.0 are equal keys but may give outputs of other structures
+        constants = tuple((type(leaf), leaf) for leaf in self.leaves if not isinstance(leaf, Tensor))
         try:
             hash(constants)
         except TypeError:
