@@ -483,6 +483,23 @@ def test_bsvrb_hvp_matches_hand_run_recursion():
         assert missed[i] == 5 - last
 
 
+def test_bsvrb_default_gamma_is_msvr_theoretical_value():
+    """gamma=None with I < m blocks per iteration: MSVR's γ = (m − I)/(I(1 − α)) + (1 − α), here
+    (4 − 2)/(2 · 0.3) + 0.3, in the same written-out recursion."""
+    P = SmoothBlocks()
+    x0 = torch.tensor([0.4, -0.3], dtype=DTYPE)
+    y0 = torch.randn(P.m, P.ny, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    kw = dict(HAND, gamma=None, lr_x=0.05, lr_y=0.05)
+    res = bsvrb(P.upper, P.lower, x0, y0, steps=4, blocks_per_step=2, lr_v=0.05, v_radius=10.0,
+                generator=torch.Generator().manual_seed(3), progress=False, **kw)
+    gamma = (4 - 2) / (2 * (1 - 0.7)) + (1 - 0.7)
+    want, _, _ = bsvrb_reference_hvp(P, res.history["blocks"], x0, y0, lr_v=0.05, radius=10.0,
+                                     **dict(kw, gamma=gamma))
+    got = dict(x=res.x, y=res.y, **{k: res.state[k] for k in ("s", "u", "v", "z")})
+    for key in want:
+        assert_close(got[key], want[key], atol=1e-12, rtol=1e-12)
+
+
 def test_bsvrb_hessian_matches_hand_run_recursion():
     """Five iterations of BSVRB^v1 (tracked dense Hessians, every y_j moved each iteration) against
     the written-out recursion, with a bound b that rescales the tracked H."""
