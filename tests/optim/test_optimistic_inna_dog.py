@@ -306,9 +306,16 @@ def test_optimistic_amsgrad_loads_state_saved_with_raw_gradients():
     third = OptimisticAMSGrad([z], span=span, lr=1e-2)
     third.load_state_dict(older)
     assert torch.equal(third.state[z]["prediction"], torch.zeros_like(z))
-    z.grad = grads[0].clone()
+    # and steps as a state whose prediction was zeroed by hand
+    zeroed = copy.deepcopy(opt.state_dict())
+    zeroed["state"][0]["prediction"].zero_()
+    w = x.detach().clone().requires_grad_()
+    fourth = OptimisticAMSGrad([w], span=span, lr=1e-2)
+    fourth.load_state_dict(zeroed)
+    z.grad, w.grad = grads[0].clone(), grads[0].clone()
     third.step()
-    assert torch.isfinite(z).all()
+    fourth.step()
+    assert torch.equal(z, w) and not torch.equal(z, x)
 
 
 def test_beta1_zero_and_zero_prediction_is_amsgrad_on_a_real_loss():
