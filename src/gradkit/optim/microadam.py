@@ -48,12 +48,13 @@ def quantize_4bit_rows(x: torch.Tensor, bucket: int) -> tuple[torch.Tensor, torc
     ``(B, n_buckets, 2)``, row ``b`` equal to ``quantize_4bit(x[b], bucket)``."""
     rows, n = x.shape
     xb = _buckets(x, bucket)
-    lo, hi = torch.aminmax(xb, dim=2)
+    lo, hi = xb.amin(dim=2), xb.amax(dim=2)  # the same values as torch.aminmax, a few times faster on CPU
     u = (hi - lo) / 15
     safe = torch.where(u > 0, u, torch.ones_like(u))
     # floor((x - lo) / u + 1/2) clamped to [0, 15], 0 unless u > 0: in place on one temporary
     q = (xb - lo[..., None]).div_(safe[..., None]).add_(0.5).floor_().clamp_(0, 15)
-    q = q.masked_fill_(~(u > 0)[..., None], 0).view(rows, -1)[:, :n].to(torch.uint8)
+    # codes 0..15 (exact integers): converted through int8, several times faster than to uint8
+    q = q.masked_fill_(~(u > 0)[..., None], 0).view(rows, -1)[:, :n].to(torch.int8).view(torch.uint8)
     if n % 2:
         q = torch.cat([q, q.new_zeros(rows, 1)], dim=1)
     codes = (q[:, 0::2] << 4) | q[:, 1::2]
