@@ -313,6 +313,37 @@ def test_hand_assembled_block_equals_hand_written_rules():
             assert expected.abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("affine", [False, True])
+def test_norm_rules_with_and_without_affine_parameters(affine):
+    """LN-rule of ``nn.LayerNorm`` and ``nn.RMSNorm`` with and without ``elementwise_affine``
+    (``RMSNorm`` with ``eps=None``: torch's ``finfo(dtype).eps``), against the written-out rules."""
+    torch.manual_seed(8)
+    ln, rms = nn.LayerNorm(6, elementwise_affine=affine), nn.RMSNorm(6, eps=None, elementwise_affine=affine)
+    model = nn.Sequential(nn.Linear(4, 6), ln, nn.Linear(6, 6), rms, nn.Linear(6, 2)).to(D)
+    if affine:  # not the initial ones and zeros
+        with torch.no_grad():
+            for p in (ln.weight, ln.bias, rms.weight):
+                p.copy_(torch.randn_like(p))
+    clean, corrupt = randn(5, 4, seed=16), randn(5, 4, seed=17)
+
+    def reference(model, x, name):
+        a = model[0](x).detach().requires_grad_(True)
+        mu = a.mean(-1, keepdim=True)
+        h = (a - mu) / torch.sqrt(((a - mu) ** 2).mean(-1, keepdim=True) + ln.eps).detach()
+        h = h * ln.weight + ln.bias if affine else h
+        h = model[2](h)
+        h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + torch.finfo(D).eps).detach()
+        h = h * rms.weight if affine else h
+        return logit_diff(model[4](h)), a
+
+    expected = _relp_reference(reference, model, "0", clean, corrupt)
+    assert expected.abs().max() > 1e-3
+    got = relevance_patching(model, model[0], clean, corrupt, logit_diff, batch_size=2)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    # the rules differ from the plain gradient (σ and rms are held constant)
+    assert float((attribution_patching(model, model[0], clean, corrupt, logit_diff) - got).abs().max()) > 1e-4
+
+
 def test_glu_half_rule_splits_relevance_equally():
     """With clean inputs 0 and no biases the patching effect at a layer is −R = −a ⊙ c: the GLU's
     relevance R_y goes half to the value half a, half to the gate half b, element by element."""
