@@ -417,13 +417,8 @@ class FRUGAL(PerTensorOptimizer):
         free_lr = lr * group["complement_lr_scale"]
         sign = group["complement"] == "sign"
         if blocks:  # an inactive tensor: the state-free step on its whole gradient
-            if fast:  # in place; the same values as the reference (free_lr * (±1 or 0) is exact)
-                if wd:
-                    X.mul_(1 - lr * wd)
-                if sign:
-                    X.sub_(torch.sign(g), alpha=free_lr)
-                else:
-                    X.sub_(g * free_lr)  # rounded as the reference rounds it (no fused multiply-add)
+            if fast:
+                self._free_step_(X, g, free_lr, lr * wd, sign)
                 finish(None, None)
             else:
                 finish(theta() - free_lr * (g.sign() if sign else g), None)
@@ -467,11 +462,20 @@ class FRUGAL(PerTensorOptimizer):
         selected columns (rows) are overwritten with their Adam step from the decayed values kept
         aside.  The same values as the reference (``θ − (Adam + 0)`` and ``θ − (0 + lr_c·s)``),
         with three full-size passes instead of about ten and one temporary instead of five."""
-        if decay:
-            P.mul_(1 - decay)
         kept = P.index_select(dim, idx)
-        if group["complement"] == "sign":
-            P.sub_(torch.sign(G), alpha=free_lr)  # free_lr * (±1 or 0) is exact
-        else:
-            P.sub_(G * free_lr)  # rounded as the reference rounds it (no fused multiply-add)
+        if decay:
+            kept.mul_(1 - decay)
+        self._free_step_(P, G, free_lr, decay, group["complement"] == "sign")
         P.index_copy_(dim, idx, kept.sub_(self._adam(low, state, group, state["adam_step"])))
+
+    @staticmethod
+    def _free_step_(X: torch.Tensor, G: torch.Tensor, free_lr: float, decay: float, sign: bool) -> None:
+        """The decay and the state-free step in place, ``X ← X(1 − decay) − free_lr·sign(G)`` (SGD:
+        ``− free_lr·G``), with the reference's values: ``free_lr·(±1 or 0)`` is exact, and the SGD
+        product is rounded before the subtraction as there (no fused multiply-add)."""
+        if decay:
+            X.mul_(1 - decay)
+        if sign:
+            X.sub_(torch.sign(G), alpha=free_lr)
+        else:
+            X.sub_(G * free_lr)
