@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import re
 
 import pytest
@@ -263,6 +264,11 @@ def test_invalid_hyperparameters(entry):
                 opt.add_param_group({"params": params[1:], **bad})
     with pytest.raises(ValueError, match="exclusive"):
         entry.make(params, foreach=True, fused=True)
+    # an infinite lr, eps or weight decay is refused ("[0, inf)" means what it says)
+    for name in ("lr", "eps", "weight_decay"):
+        if name in entry.make(params[:1]).defaults:
+            with pytest.raises(ValueError, match=f"invalid {name}=inf; expected .*inf\\)"):
+                entry.make(params, **{name: math.inf})
 
 
 @params_entries

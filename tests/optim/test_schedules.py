@@ -174,6 +174,8 @@ def test_bad_arguments_raise():
         refined_schedule([1.0, 2.0], smoothing=1.5)
     with pytest.raises(ValueError, match="power"):
         refined_schedule([1.0, 2.0], power=0.0)
+    with pytest.raises(ValueError, match=r"power=inf; expected .*\(0\.0, inf\)"):  # was [nan, 0, 0]
+        refined_schedule([0.5, 2.0, 1.0], power=math.inf)
     with pytest.raises(ValueError, match="total_steps"):
         refined_schedule([1.0, 2.0], total_steps=1)
     with pytest.raises(ValueError, match="warmup_steps"):

@@ -293,7 +293,7 @@ def test_xgrad_custom_predictor_and_errors():
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 3.5])
 @pytest.mark.parametrize("foreach", [None, False])
-@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+@pytest.mark.parametrize("max_norm", [0.5, 1e3, math.inf])  # inf: no clipping, as in torch
 def test_clip_grad_norm_equals_torch(norm_type, foreach, max_norm):
     a, b = Params(), Params()
     gen = torch.Generator().manual_seed(5)

@@ -81,12 +81,16 @@ def check_range(
     low: float = -math.inf,
     high: float = math.inf,
     *,
-    low_open: bool = False,
-    high_open: bool = False,
+    low_open: bool | None = None,
+    high_open: bool | None = None,
 ) -> None:
-    """Raise ``ValueError`` unless ``value`` is a real number in the interval (uniform message)."""
-    left = "(" if low_open or low == -math.inf else "["
-    right = ")" if high_open or high == math.inf else "]"
+    """Raise ``ValueError`` unless ``value`` is a real number in the interval (uniform message).
+    An end is open when ``*_open`` says so; by default (``None``) exactly when it is infinite, so
+    ``±inf`` is refused unless a caller admits it with ``high_open=False`` (e.g. ``norm_type``)."""
+    low_open = low == -math.inf if low_open is None else low_open
+    high_open = high == math.inf if high_open is None else high_open
+    left = "(" if low_open else "["
+    right = ")" if high_open else "]"
     interval = f"{left}{_fmt(low)}, {_fmt(high)}{right}"
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.is_complex():

@@ -222,7 +222,7 @@ class GradNormRecorder:
     def __init__(self, optimizer: torch.optim.Optimizer, *, norm_type: float = 2.0, attach: bool = True) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"GradNormRecorder: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        check_range("GradNormRecorder", "norm_type", norm_type, 0.0, math.inf, low_open=True)
+        check_range("GradNormRecorder", "norm_type", norm_type, 0.0, low_open=True, high_open=False)
         if not isinstance(attach, bool):
             raise ValueError(f"GradNormRecorder: invalid attach={attach!r}; expected True or False")
         self.optimizer = optimizer

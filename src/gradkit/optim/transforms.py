@@ -332,8 +332,8 @@ def clip_grad_norm(
     device and dtype; ``False`` loops over tensors.
     """
     owner = "clip_grad_norm"
-    check_range(owner, "max_norm", max_norm, 0.0)
-    check_range(owner, "norm_type", norm_type, 0.0, low_open=True)
+    check_range(owner, "max_norm", max_norm, 0.0, high_open=False)  # inf: no clipping, as in torch
+    check_range(owner, "norm_type", norm_type, 0.0, low_open=True, high_open=False)  # inf: the max norm
     check_choice(owner, "foreach", foreach, (None, True, False))
     grads = [p.grad for p in _as_list(params, owner) if p.grad is not None]
     if not grads:
