@@ -114,9 +114,18 @@ def test_no_gradient_noise_never_grows_the_batch():
     assert ctl.update(torch.zeros(16, 7, dtype=DT)) == 8  # zero gradient and zero noise
 
 
-def test_zero_mean_gradient_with_noise_asks_for_the_maximum():
-    ctl = AdAdaGrad(4, 100)
-    assert ctl.update(torch.tensor([[1.0], [-1.0]], dtype=DT)) == 100
+@pytest.mark.parametrize("test", AdAdaGrad.TESTS)
+def test_zero_mean_gradient_with_noise_asks_for_the_maximum(test):
+    """∇f_B = 0 with noise: every test asks for the cap (the inner-product statistics vanish with
+    ∇f_B; before, that test then kept the batch), as it does for a mean gradient just off zero."""
+    grads = torch.tensor([[1.0, 2.0], [-1.0, -2.0]], dtype=DT)
+    assert AdAdaGrad(4, 100, test=test).update(grads) == 100
+    nudged = grads.clone()
+    nudged[0, 0] += 1e-6
+    assert AdAdaGrad(4, 100, test=test).update(nudged) == 100
+    assert AdAdaGrad(4, 100, test=test).update(torch.zeros(3, 2, dtype=DT)) == 4  # no noise: kept
+    noise = gradient_noise(grads)
+    assert noise.orthogonal_variance == noise.variance == 10.0  # every g_i is orthogonal to ḡ = 0
 
 
 def test_state_dict_round_trip():
@@ -320,6 +329,26 @@ def test_gradES_state_dict_resumes_like_uninterrupted():
     assert reference[2] == resumed[2] == {"small": 7}
     assert torch.equal(reference[0], resumed[0]) and torch.equal(reference[1], resumed[1])
     assert reference[3] is resumed[3] is False
+
+
+def test_gradES_rollback_to_an_earlier_checkpoint_unfreezes():
+    """Loading a checkpoint taken before a matrix froze (in the same process, e.g. after a loss
+    spike) makes it trainable and monitored again; the checkpoint's frozen matrices stay frozen."""
+    p, q = (torch.zeros(2, 2, dtype=DT, requires_grad=True) for _ in range(2))
+    ctl = GradES({"p": p, "q": q}, 10, tau=1.0, alpha=0.0)
+    p.grad, q.grad = torch.full((2, 2), 0.1, dtype=DT), torch.full((2, 2), 5.0, dtype=DT)
+    ctl.step()  # p freezes at step 1
+    early = ctl.state_dict()
+    q.grad = torch.full((2, 2), 0.1, dtype=DT)
+    ctl.step()  # q freezes at step 2
+    assert ctl.frozen == {"p": 1, "q": 2} and not q.requires_grad
+    ctl.load_state_dict(early)
+    assert ctl.frozen == {"p": 1} and not p.requires_grad and q.requires_grad and not ctl.stop
+    q.grad = torch.full((2, 2), 5.0, dtype=DT)
+    ctl.step()
+    assert ctl.last["q"] == 20.0 and ctl.frozen == {"p": 1}  # q is measured again
+    with pytest.raises(ValueError, match="does not monitor"):
+        ctl.load_state_dict(dict(early, previous={"other": torch.zeros(2, 2)}))
 
 
 def test_gradES_bad_input_raises():

@@ -37,7 +37,8 @@ class GradientNoise(NamedTuple):
 
     ``batch_size`` b; ``grad_sq_norm`` ‖ḡ‖²; ``variance`` (1/(b−1)) Σ_i ‖g_i − ḡ‖² (the trace of the
     sample covariance); ``inner_product_variance`` the sample variance of ⟨g_i, ḡ⟩;
-    ``orthogonal_variance`` (1/(b−1)) Σ_i ‖g_i − (⟨g_i, ḡ⟩/‖ḡ‖²) ḡ‖² (0 when ḡ = 0).
+    ``orthogonal_variance`` (1/(b−1)) Σ_i ‖g_i − (⟨g_i, ḡ⟩/‖ḡ‖²) ḡ‖² (``variance`` when ḡ = 0:
+    every g_i is then orthogonal to ḡ).
     """
 
     batch_size: int
@@ -108,7 +109,7 @@ def gradient_noise(per_sample_grads: Tensor | Sequence[Tensor] | Mapping[str, Te
         coef = [(inner / sq_norm).to(f.device, f.dtype) for f in flat]
         orth = sum(float((f - c[:, None] * m).square().sum()) for f, m, c in zip(flat, means, coef)) / (b - 1)
     else:
-        orth = 0.0
+        orth = variance
     return GradientNoise(int(b), sq_norm, variance, ip_variance, orth)
 
 
@@ -179,8 +180,11 @@ class AdAdaGrad:
         self.last: GradientNoise | None = None
 
     def required_batch_size(self, noise: GradientNoise) -> float:
-        """The (real, un-rounded) batch size the configured test asks for, from :func:`gradient_noise`."""
+        """The (real, un-rounded) batch size the configured test asks for, from :func:`gradient_noise`
+        (infinite for ``∇f_B = 0`` with noise, whichever the test: its inner products then vanish too)."""
         norm_sq = noise.grad_sq_norm
+        if norm_sq == 0.0:
+            return math.inf if noise.variance > 0.0 else 0.0
         if self.test == "norm":
             return _ratio(noise.variance, self.eta**2 * norm_sq)
         ip = _ratio(noise.inner_product_variance, self.theta**2 * norm_sq**2)
@@ -448,10 +452,13 @@ class GradES:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the counters and re-freeze the matrices frozen in ``state``."""
+        """Restore the counters and the frozen set of ``state``: its matrices are frozen, and a
+        matrix this controller froze that ``state`` has active (a rollback to an earlier
+        checkpoint) trains again."""
         if not isinstance(state, dict) or "frozen" not in state:
             raise ValueError("GradES.load_state_dict: expected a dict from GradES.state_dict()")
-        unknown = (set(state["frozen"]) | set(state.get("below", {}))) - set(self.params)
+        unknown = (set(state["frozen"]) | set(state.get("below", {})) | set(state.get("last", {}))
+                   | set(state.get("previous", {}))) - set(self.params)
         if unknown:
             raise ValueError(
                 f"GradES.load_state_dict: the state names parameters this controller does not monitor: {sorted(unknown)}"
@@ -461,6 +468,8 @@ class GradES:
         self.last = {k: float(v) for k, v in state.get("last", {}).items()}
         self._previous = {k: v.to(self.params[k].device, self.params[k].dtype).clone()
                           for k, v in state.get("previous", {}).items()}
+        for name in set(self.frozen) - set(state["frozen"]):
+            self.params[name].requires_grad_(True)
         self.frozen = {}
         for name, t in state["frozen"].items():
             p = self.params[name]
