@@ -191,6 +191,34 @@ def test_parameters_without_gradient_get_no_state(entry):
 
 
 @params_entries
+@pytest.mark.parametrize("mode", ["reference", "foreach", "fused"])
+def test_parameters_without_elements_and_groups_without_gradients(entry, mode):
+    """Zero-element parameters (e.g. ``nn.Linear(0, 3).weight``, some of one shape, so that the
+    fast paths would batch them) are left out like parameters without gradients, and a group in
+    which no parameter has a gradient is skipped; the other parameters train as without them."""
+    if mode != "reference" and entry.extra.get("single_path"):
+        pytest.skip("one path")
+    kw = {"foreach": False} if mode == "reference" else {"fused": True} if mode == "fused" else {}
+    params, alone = make_params(), make_params()
+    empties = [torch.zeros(s, dtype=DT, requires_grad=True) for s in [(0, 3), (3, 0), (0,), (0, 3), (2, 0, 4)]]
+    idle = make_params(seed=3)  # never get a gradient
+    opt = entry.make([{"params": params + empties}, {"params": idle}], **kw)
+    opt_alone = entry.make(alone, **kw)
+    gen, gen_alone = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for _ in range(3):
+        set_grads(params, gen)
+        set_grads(alone, gen_alone)
+        for e in empties:
+            e.grad = torch.zeros_like(e)
+        opt.step()
+        opt_alone.step()
+    for x, y in zip(params, alone):
+        assert torch.equal(x, y)
+    assert all(len(opt.state.get(p, {})) == 0 for p in empties + idle)
+    assert len(opt.state_dict()["state"]) == len(params)
+
+
+@params_entries
 def test_group_with_zero_lr_is_frozen(entry):
     params = make_params()
     opt = entry.make([{"params": params[:2], "lr": 0.0}, {"params": params[2:]}])

@@ -61,6 +61,7 @@ Kernel = Callable[..., None]
 _DTYPE_DEVICE = operator.attrgetter("dtype", "device")
 _GRAD = operator.attrgetter("grad")
 _IS_SPARSE = operator.attrgetter("is_sparse")
+_NUMEL = torch.Tensor.numel
 
 
 class SparseGradientError(TypeError, RuntimeError):
@@ -474,12 +475,17 @@ class Optimizer(torch.optim.Optimizer):
 
     def _params_and_grads(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """:meth:`_with_grads` and their gradients, each ``.grad`` read once (on a thousand small
-        tensors, every pass over them costs as much as the step's arithmetic)."""
+        tensors, every pass over them costs as much as the step's arithmetic).  Parameters without
+        elements (e.g. the weight of ``nn.Linear(0, n)``) are left out like those without a
+        gradient: there is nothing to update, and they get no state."""
         params = list(group["params"])
         grads = list(map(_GRAD, params))
         if any(map(operator.is_, grads, itertools.repeat(None))):  # some parameters have no gradient
             params = [p for p, g in zip(params, grads) if g is not None]
             grads = [g for g in grads if g is not None]
+        if not all(map(_NUMEL, grads)):  # some have no elements
+            params = [p for p, g in zip(params, grads) if g.numel()]
+            grads = [g for g in grads if g.numel()]
         if any(map(_IS_SPARSE, grads)):
             raise SparseGradientError(
                 f"{type(self).__name__} does not support sparse gradients; use a dense gradient "

@@ -227,6 +227,8 @@ class AdamWSN(PerTensorOptimizer):
         if group["foreach"] is False and not group["fused"]:
             return super()._step_group(group)
         params = self._with_grads(group)
+        if not params:
+            return
         states = self._states_of(group, params)
         subspace, layouts, sq_shapes = self._plan(group, params)
         for p, st, sq_shape in zip(params, states, sq_shapes):

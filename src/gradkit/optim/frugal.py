@@ -53,6 +53,12 @@ def block_selection(order: str, n: int, k: int, refresh: int, seed: int = 0) -> 
     return sorted(out)
 
 
+def _projected(p: torch.Tensor) -> bool:
+    """A tensor the projectors act on: two or more dimensions, at least one element (an empty one
+    is never stepped and takes no block position)."""
+    return p.dim() >= 2 and p.numel() > 0
+
+
 def _adamw_flat(param, grad, exp_avg, exp_avg_sq, *, h, maximize: bool) -> None:
     """:meth:`FRUGAL._adam` and the decay as one compiled pass over a flat tensor (the same
     operations); ``h = [lr / bc1, beta1, beta2, eps, 1 - lr wd, sqrt(bc2)]``."""
@@ -154,9 +160,9 @@ class FRUGAL(PerTensorOptimizer):
     **Which tensors are projected.**  The authors project only the weights of the attention and MLP
     ``nn.Linear`` layers (``prepare_proj_params``); embeddings, the LM head, norms and biases stay
     on AdamW.  An optimizer cannot tell these apart: here every tensor with two or more dimensions
-    in a group is projected (and counts in :math:`n`), so choose with param groups, e.g. embeddings
-    and LM head in a group with ``density=1.0`` and an ``update_gap`` larger than the run (plain
-    AdamW).  Other differences from the authors' code: no ``proj_params_lr_scale`` (give the
+    (and at least one element) in a group is projected (and counts in :math:`n`), so choose with
+    param groups, e.g. embeddings and LM head in a group with ``density=1.0`` and an
+    ``update_gap`` larger than the run (plain AdamW).  Other differences from the authors' code: no ``proj_params_lr_scale`` (give the
     projected tensors their own group and ``lr``); their ``inactive_update_rule="no"`` is
     ``complement_lr_scale=0``; each tensor refreshes on its own step count (the authors: on the
     first parameter's), the same whenever all tensors receive gradients every step; an odd
@@ -237,7 +243,7 @@ class FRUGAL(PerTensorOptimizer):
     def _num_blocks(self, group: dict[str, Any]) -> tuple[int, int]:
         """``(n, k)`` of the block projector: the group's projected tensors and how many are active
         (``ValueError`` for an odd ``k`` with ``block_order="mirror"``)."""
-        n = sum(p.dim() >= 2 for p in group["params"])
+        n = sum(map(_projected, group["params"]))
         k = round(group["density"] * n)
         if group["block_order"] == "mirror" and k % 2:
             raise ValueError(
@@ -269,7 +275,7 @@ class FRUGAL(PerTensorOptimizer):
             if group["projector"] == "random":
                 state["seed"] = hash((group["seed"], index)) & _SEED_MASK
             else:  # the position among the group's projected tensors
-                state["block"] = sum(q.dim() >= 2 for q in group["params"][:index])
+                state["block"] = sum(map(_projected, group["params"][:index]))
                 state["active"] = False
 
     def _check_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:

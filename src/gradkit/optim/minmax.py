@@ -158,7 +158,7 @@ class ExtraGradient(_GameOptimizer):
         if self.extrapolated:
             raise RuntimeError(f"{name}.extrapolate() called twice; call step() (with the gradients at the "
                                "extrapolated point) before extrapolating again")
-        moved = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        moved = [p for g in self.param_groups for p in g["params"] if p.grad is not None and p.numel()]
         if not moved:
             raise RuntimeError(f"{name}.extrapolate(): no parameter has a gradient; call backward() first")
         self._extrapolating = True
@@ -193,6 +193,8 @@ class ExtraGradient(_GameOptimizer):
     def _update(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
+                if not p.numel():  # nothing to update (left out by _params_and_grads too)
+                    continue
                 st = self.state[p] if p in self.state else None
                 flagged = bool(st) and st.get("extrapolated", False)
                 if p.grad is None:
