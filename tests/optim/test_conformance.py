@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
+import pickle
 import re
 
 import pytest
@@ -216,6 +218,20 @@ def test_parameters_without_elements_and_groups_without_gradients(entry, mode):
         assert torch.equal(x, y)
     assert all(len(opt.state.get(p, {})) == 0 for p in empties + idle)
     assert len(opt.state_dict()["state"]) == len(params)
+
+
+@params_entries
+def test_deepcopy_and_pickle_continue_like_the_original(entry):
+    """``copy.deepcopy`` and a pickle round trip of (parameters, optimizer) mid-run carry every
+    constructor option (torch.optim's ``__getstate__`` keeps only defaults, state and groups)."""
+    params = make_params()
+    opt = train(entry, params, 3)
+    copies = [copy.deepcopy((params, opt)), pickle.loads(pickle.dumps((params, opt)))]
+    train(entry, params, 3, seed=2, opt=opt)
+    for ps, o in copies:
+        train(entry, ps, 3, seed=2, opt=o)
+        for x, y in zip(params, ps):
+            assert torch.equal(x, y)
 
 
 @params_entries

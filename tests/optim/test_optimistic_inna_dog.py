@@ -318,6 +318,28 @@ def test_optimistic_amsgrad_loads_state_saved_with_raw_gradients():
     assert torch.equal(z, w) and not torch.equal(z, x)
 
 
+def test_optimistic_amsgrad_refuses_state_of_another_span():
+    """``span`` is a constructor option, not in the state_dict: a history saved with another span
+    (or with a predictor, which keeps none) is refused, naming span, before anything changes."""
+    x = x_init().requires_grad_()
+    opt = OptimisticAMSGrad([x], span=5, lr=1e-2)
+    for g in grad_stream((30,), 3, seed=2):
+        x.grad = g.clone()
+        opt.step()
+    saved = opt.state_dict()
+    for kwargs in (dict(span=3), dict(span=8), dict(span=1), dict(predictor=lambda p, base, scale: base)):
+        y = x.detach().clone().requires_grad_()
+        other = OptimisticAMSGrad([y], lr=1e-2, **kwargs)
+        with pytest.raises(ValueError, match=r"span=5; this optimizer has span=\d+.*expected the span"):
+            other.load_state_dict(saved)
+        assert len(other.state) == 0
+    no_history = OptimisticAMSGrad([x], span=1, lr=1e-2)
+    no_history.step()
+    with pytest.raises(ValueError, match=r"span=1 \(or of a predictor\); this optimizer has span=5"):
+        OptimisticAMSGrad([x], span=5, lr=1e-2).load_state_dict(no_history.state_dict())
+    OptimisticAMSGrad([x], span=5, lr=1e-2).load_state_dict(saved)  # the same span loads
+
+
 def test_beta1_zero_and_zero_prediction_is_amsgrad_on_a_real_loss():
     """The documented limit: beta1 = 0 and m = 0 make w_{t+1} = w_{t+1/2}, i.e. AMSGrad(beta1 = 0)."""
     d = torch.logspace(0, 2, 10, dtype=DT)

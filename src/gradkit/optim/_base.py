@@ -435,6 +435,14 @@ class Optimizer(torch.optim.Optimizer):
         if not self.supports_complex and any(p.is_complex() for p in group["params"]):
             raise TypeError(f"{name} does not support complex parameters (its update is not defined for them)")
 
+    #: Constructor options held as attributes (not per-group hyperparameters), e.g. LionK's ``k``:
+    #: kept by ``copy.deepcopy`` and pickling, for which torch.optim keeps ``defaults``, ``state``
+    #: and ``param_groups`` only; :meth:`_configure` derives the rest from them.
+    _options: tuple[str, ...] = ()
+
+    def _configure(self) -> None:
+        """Set the attributes derived from :attr:`_options` (at construction and unpickling)."""
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._packs = {}
@@ -443,11 +451,11 @@ class Optimizer(torch.optim.Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
+        self._configure()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.pop("_packs", None)
-        state.pop("_state_lists", None)
+        state.update({name: getattr(self, name) for name in self._options})
         return state
 
     @torch.no_grad()

@@ -295,11 +295,6 @@ class AdamWSN(PerTensorOptimizer):
         plans[id(group)] = (options, params, plan)
         return plan
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state.pop("_sn_plans", None)
-        return state
-
     def _sn_hyper(self, group: dict[str, Any], step: int) -> list[float]:
         """The ``h`` of :func:`adamwsn_kernel` (the scalars of :meth:`_update`)."""
         lr, (beta1, beta2), wd = as_float(group["lr"]), group["betas"], group["weight_decay"]

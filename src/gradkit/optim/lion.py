@@ -173,15 +173,20 @@ class LionK(Lion):
         if not callable(k) and k not in ("l1", "l2", "quadratic"):
             raise ValueError(f"LionK: invalid k={k!r}; expected 'l1', 'l2', 'quadratic' or a callable")
         self.k = k
+        self._configure()
+        super().__init__(params, lr, betas, weight_decay, maximize=maximize, foreach=foreach, fused=fused)
+
+    _options = ("k",)
+
+    def _configure(self) -> None:
         # "l1" and "quadratic" act elementwise; "l2" sees a batch (B, n) of whole tensors,
         # a user map one tensor at a time, in the parameter's shape
-        self.elementwise = k in ("l1", "quadratic")
-        self.batchable = k == "l2"
+        self.elementwise = self.k in ("l1", "quadratic")
+        self.batchable = self.k == "l2"
         # torch 2.13's inductor fails on the row-norm-then-mutate graph of "l2" (KeyError in
         # loop_body); fused=True then runs the kernel eagerly with two_pass=True: it calls two
         # compiled kernels, a row norm and the elementwise update
-        self.compilable = k != "l2"
-        super().__init__(params, lr, betas, weight_decay, maximize=maximize, foreach=foreach, fused=fused)
+        self.compilable = self.k != "l2"
 
     def _static(self, group: dict[str, Any]) -> dict[str, Any]:
         return {"k": self.k, "two_pass": bool(self.k == "l2" and group["fused"])}

@@ -186,13 +186,7 @@ class OptimisticAMSGrad(Optimizer):
                             "predictor(param, base, scale) -> predicted gradient")
         self.span = span
         self.predictor = predictor
-        self._extrapolates = span > 1 and predictor is None
-        self.state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "half_param", "prediction") + (
-            ("last_grad",) + tuple(f"diff_{k}" for k in range(span - 1)) if self._extrapolates else ())
-        self._weights: dict[int, dict[int, list[float]]] = {}
-        # id(param) -> (key, flat views, dots, step, weakref) for _store; (id(group), shape, dtype,
-        # device) -> (members, stored differences, step, dots) for _store_batch
-        self._dot_cache: dict[Any, tuple] = {}
+        self._configure()
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, reg=reg,
                                       bias_correction=bias_correction),
                          maximize=maximize, foreach=foreach, fused=fused)
@@ -210,9 +204,22 @@ class OptimisticAMSGrad(Optimizer):
         """As :meth:`torch.optim.Optimizer.load_state_dict`; state saved by earlier versions is
         converted: without ``prediction`` (the second moment was then that of the gradients) the
         last prediction starts at zero; a ring ``grad_0 .. grad_{span-1}`` of raw gradients becomes
-        the last gradient and the successive differences of the stored ones, in their ring slots."""
-        super().load_state_dict(state_dict)
+        the last gradient and the successive differences of the stored ones, in their ring slots.
+        A state saved with another ``span`` (or with/without a ``predictor``) is refused before
+        anything changes: its history would be read in the wrong slots."""
         ring = self.span - 1
+        for st in state_dict["state"].values():
+            if "grad_0" in st:  # earlier versions: a ring of span raw gradients
+                saved = sum(1 for k in st if k.startswith("grad_"))
+            else:  # the last gradient and span - 1 differences, or no history (span 1 or a predictor)
+                saved = 1 + sum(1 for k in st if k.startswith("diff_"))
+            if "exp_avg" in st and saved != (self.span if self._extrapolates else 1):
+                raise ValueError(
+                    f"OptimisticAMSGrad: the state holds the gradient history of span={saved}"
+                    f"{' (or of a predictor)' if saved == 1 else ''}; this optimizer has span={self.span}"
+                    f"{' and a predictor' if self.predictor is not None else ''}: expected the span the state "
+                    "was saved with")
+        super().load_state_dict(state_dict)
         for st in self.state.values():
             if "exp_avg" in st and "prediction" not in st:
                 st["prediction"] = torch.zeros_like(st["exp_avg"])
@@ -241,18 +248,21 @@ class OptimisticAMSGrad(Optimizer):
             h += self._weights[id(group)][step]
         return h
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state.pop("_weights", None)
-        state.pop("_dot_cache", None)
-        return state
+    _options = ("span", "predictor")
+
+    def _configure(self) -> None:
+        self._extrapolates = self.span > 1 and self.predictor is None
+        self.state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "half_param", "prediction") + (
+            ("last_grad",) + tuple(f"diff_{k}" for k in range(self.span - 1)) if self._extrapolates else ())
+        self._weights: dict[int, dict[int, list[float]]] = {}
+        # id(param) -> (key, flat views, dots, step, weakref) for _store; (id(group), shape, dtype,
+        # device) -> (members, stored differences, step, dots) for _store_batch
+        self._dot_cache: dict[Any, tuple] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:  # state_dicts saved before bias_correction existed
             group.setdefault("bias_correction", False)
-        self._weights = {}
-        self._dot_cache = {}
 
     def _step_group(self, group: dict[str, Any]) -> None:
         if self._extrapolates:
