@@ -194,14 +194,18 @@ def test_microadam_bf16_state_survives_checkpoint():
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
 
-def test_microadam_layout_cannot_change():
+@pytest.mark.parametrize("change", [dict(window=3), dict(density=0.5), dict(bits=None), dict(quant_bucket_size=16)])
+def test_microadam_layout_cannot_change(change):
     (p,) = params([(50,)])
     opt = MicroAdam([p], density=0.1)
     p.grad = torch.ones(50, dtype=DT)
     opt.step()
-    opt.param_groups[0]["window"] = 3
-    with pytest.raises(ValueError, match="window"):
+    before = p.detach().clone()
+    opt.param_groups[0].update(change)
+    (name, value), = change.items()
+    with pytest.raises(ValueError, match=f"cannot change.*got .*{name}={value}"):
         opt.step()
+    assert torch.equal(p, before)
 
 
 # ==============================================================================================

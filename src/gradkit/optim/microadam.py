@@ -206,12 +206,15 @@ class MicroAdam(PerTensorOptimizer):
     def _check_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         full, k_full, last, k_last = self._block_ks(p.numel(), group["density"])
         quantised = "scales" in state
+        buckets = state["scales"].shape[0] if quantised else None
         if (state["indices"].shape != (group["window"], full * k_full + k_last)
-                or quantised != (group["bits"] is not None)):
-            raise ValueError(f"{type(self).__name__}: window, density and bits cannot change once a parameter "
-                             f"has state (state window x k = {tuple(state['indices'].shape)}, quantised = "
-                             f"{quantised}); got window={group['window']}, density={group['density']}, "
-                             f"bits={group['bits']}")
+                or quantised != (group["bits"] is not None)
+                or (quantised and buckets != -(-p.numel() // group["quant_bucket_size"]))):
+            raise ValueError(f"{type(self).__name__}: window, density, bits and quant_bucket_size cannot change once "
+                             f"a parameter has state (state window x k = {tuple(state['indices'].shape)}, quantised = "
+                             f"{quantised}, {buckets} buckets); got window={group['window']}, "
+                             f"density={group['density']}, bits={group['bits']}, "
+                             f"quant_bucket_size={group['quant_bucket_size']}")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As :meth:`torch.optim.Optimizer.load_state_dict`, but the int16/uint8/bfloat16/float32 state
