@@ -8,6 +8,7 @@ import math
 import pickle
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,6 +156,13 @@ def test_tensor_learning_rate(entry):
     train(entry, a, 6, lr=torch.tensor(entry.kwargs["lr"], dtype=torch.float64))
     train(entry, b, 6)
     for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    # numpy scalars are real numbers too (np.float32 is no Python float: it was refused)
+    c, d = make_params(), make_params()
+    lr = np.float32(entry.kwargs["lr"])
+    train(entry, c, 3, lr=lr)
+    train(entry, d, 3, lr=float(lr))
+    for x, y in zip(c, d):
         assert torch.equal(x, y)
 
 

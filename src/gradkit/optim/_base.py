@@ -40,6 +40,7 @@ import functools
 import itertools
 import logging
 import math
+import numbers
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -97,7 +98,7 @@ def check_range(
         if value.numel() != 1 or value.is_complex():
             raise ValueError(f"{owner}: invalid {name}={value!r}; expected a real number in {interval}")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars included
         raise ValueError(f"{owner}: invalid {name}={value!r}; expected a real number in {interval}")
     ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok or math.isnan(value):
@@ -126,8 +127,8 @@ def check_adam_group(owner: str, group: dict[str, Any]) -> None:
 
 
 def check_int(owner: str, name: str, value: Any, low: int) -> int:
-    """An integer ``>= low`` (``bool`` refused), returned as is."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    """An integer ``>= low`` (``bool`` refused; numpy integers accepted), returned as is."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{owner}: invalid {name}={value!r}; expected an integer >= {low}")
     return value
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Iterable
 from typing import Any
@@ -190,13 +191,13 @@ class AdamWSN(PerTensorOptimizer):
         check_range(name, "eps", group["eps"], 0.0)
         check_range(name, "weight_decay", group["weight_decay"], 0.0)
         s = group["subset_size"]
-        if not (s in SUBSETS or (isinstance(s, int) and not isinstance(s, bool) and s != 0)):
+        if not (s in SUBSETS or (isinstance(s, numbers.Integral) and not isinstance(s, bool) and s != 0)):
             raise ValueError(f"{name}: invalid subset_size={s!r}; expected one of {list(SUBSETS)} or a non-zero int")
         k = group["rank"]
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1):
             raise ValueError(f"{name}: invalid rank={k!r}; expected None or an int >= 1")
         gap = group["update_proj_gap"]
-        if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+        if isinstance(gap, bool) or not isinstance(gap, numbers.Integral) or gap < 1:
             raise ValueError(f"{name}: invalid update_proj_gap={gap!r}; expected an int >= 1")
         if not isinstance(group["bias_correction"], bool):
             raise ValueError(f"{name}: invalid bias_correction={group['bias_correction']!r}; expected True or False")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -115,7 +116,7 @@ class AdEMAMix(Optimizer):
         check_betas(name, group["betas"], n=3)
         check_range(name, "alpha", group["alpha"], 0.0)
         t = group["t_alpha_beta3"]
-        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+        if t is not None and (isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 1):
             raise ValueError(f"{name}: invalid t_alpha_beta3={t!r}; expected None or an integer in [1, inf)")
         check_range(name, "eps", group["eps"], 0.0)
         check_range(name, "weight_decay", group["weight_decay"], 0.0)

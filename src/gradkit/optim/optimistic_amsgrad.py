@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import operator
 import weakref
 from collections.abc import Callable, Iterable
@@ -179,7 +180,7 @@ class OptimisticAMSGrad(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        if isinstance(span, bool) or not isinstance(span, int) or span < 1:
+        if isinstance(span, bool) or not isinstance(span, numbers.Integral) or span < 1:
             raise ValueError(f"OptimisticAMSGrad: invalid span={span!r}; expected an integer >= 1")
         if predictor is not None and not callable(predictor):
             raise TypeError(f"OptimisticAMSGrad: invalid predictor={predictor!r}; expected None or a callable "

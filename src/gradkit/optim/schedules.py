@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,7 +54,7 @@ def _as_norms(owner: str, grad_norms: Any) -> torch.Tensor:
         g = grad_norms.detach().to(torch.float64)
     elif isinstance(grad_norms, Sequence) and not isinstance(grad_norms, (str, bytes)):
         for i, v in enumerate(grad_norms):
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
                 raise TypeError(f"{owner}: grad_norms[{i}]={v!r} is not a real number")
         g = torch.tensor(list(grad_norms), dtype=torch.float64)
     else:

@@ -22,6 +22,7 @@ They act on ``p.grad`` in place (or on where the gradient is taken) between ``ba
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -91,7 +92,7 @@ class Grokfast:
         check_range(owner, "alpha", alpha, 0.0, 1.0, high_open=True)
         lamb = (2.0 if filter == "ema" else 5.0) if lamb is None else lamb
         check_range(owner, "lamb", lamb)
-        if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
+        if isinstance(window_size, bool) or not isinstance(window_size, numbers.Integral) or window_size < 1:
             raise ValueError(f"{owner}: invalid window_size={window_size!r}; expected an integer >= 1")
         check_choice(owner, "filter_type", filter_type, ("mean", "sum"))
         check_choice(owner, "warmup", warmup, (True, False))
