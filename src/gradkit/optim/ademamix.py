@@ -86,7 +86,9 @@ class AdEMAMix(Optimizer):
     ``state["exp_avg_sq"]``.  Defaults follow the authors' reference code (apple/ml-ademamix):
     lr 1e-3, betas (0.9, 0.999, 0.9999), alpha 2.0, eps 1e-8, weight_decay 0, no warm-up
     (the paper recommends warm-up with :math:`T` = the number of training steps for large
-    :math:`\beta_3`).  With ``alpha = 0`` the update is exactly ``torch.optim.AdamW``'s.
+    :math:`\beta_3`).  With ``alpha = 0`` the update is exactly ``torch.optim.AdamW``'s (bit for
+    bit on the default and ``foreach=False`` paths; ``fused=True`` compiles the arithmetic, which
+    may differ in the last bit or two).
 
     State: three tensors per parameter (12 bytes per float32 parameter).
     """

@@ -47,7 +47,8 @@ class AMSGrad(Optimizer):
 
     as in the paper: no bias correction (``bias_correction=False``, default).  With
     ``bias_correction=True`` the step is :math:`\eta\,\frac{m_t/(1-\beta_1^t)}{\sqrt{\hat v_t/(1-\beta_2^t)}+\epsilon}`,
-    which is ``torch.optim.Adam(amsgrad=True)``.  The paper's decaying :math:`\alpha_t=\alpha/\sqrt t`
+    which is ``torch.optim.AdamW(amsgrad=True)`` (``torch.optim.Adam(amsgrad=True)`` when
+    ``weight_decay = 0``: the decay here is decoupled).  The paper's decaying :math:`\alpha_t=\alpha/\sqrt t`
     and :math:`\beta_{1t}` are schedules: use an LR scheduler.  The projection onto a feasible set
     (the paper's :math:`\Pi_{\mathcal F}`) is left to the caller.
 

@@ -235,7 +235,10 @@ class PastExtraGradient(_GameOptimizer):
     :math:`\gamma\sigma_{\max} < 1/2`, at the rate given in :class:`OptimisticGradient`.
 
     Hyperparameters: :math:`\gamma` = ``lr`` (default 1e-3, see the module docstring); ``maximize``
-    per group marks the maximizing players.
+    per group marks the maximizing players.  The parameters hold the leading point, so a group
+    whose ``lr`` is set to 0 mid-run moves once more, by :math:`+\gamma_{t-1} V_{t-1/2}` (back
+    to :math:`X_t`: the pending extrapolation is undone), and stays there (a group with lr 0 from
+    the start never moves); the same holds for :class:`OptimisticGradient`.
 
     State: ``base`` (:math:`X_t`, one tensor in the parameter dtype) and ``step``.
     """
