@@ -162,11 +162,12 @@ class FRUGAL(PerTensorOptimizer):
     on AdamW.  An optimizer cannot tell these apart: here every tensor with two or more dimensions
     (and at least one element) in a group is projected (and counts in :math:`n`), so choose with
     param groups, e.g. embeddings and LM head in a group with ``density=1.0`` and an
-    ``update_gap`` larger than the run (plain AdamW).  Other differences from the authors' code: no ``proj_params_lr_scale`` (give the
-    projected tensors their own group and ``lr``); their ``inactive_update_rule="no"`` is
-    ``complement_lr_scale=0``; each tensor refreshes on its own step count (the authors: on the
-    first parameter's), the same whenever all tensors receive gradients every step; an odd
-    :math:`k` with ``"mirror"`` is a ``ValueError`` (an assertion there).
+    ``update_gap`` larger than the run (plain AdamW).  Other differences from the authors' code:
+    no ``proj_params_lr_scale`` (give the projected tensors their own group and ``lr``); their
+    ``inactive_update_rule="no"`` is ``complement_lr_scale=0``; each tensor refreshes on its own
+    step count (the authors: on the first parameter's), the same whenever all tensors receive
+    gradients every step; an odd :math:`k` with ``"mirror"`` is a ``ValueError`` (an assertion
+    there).
 
     Symbols: :math:`\eta` = ``lr``, :math:`(\beta_1,\beta_2)` = ``betas``, :math:`\epsilon` =
     ``eps``, :math:`\lambda` = ``weight_decay``, :math:`\rho` = ``density``, :math:`T` =
