@@ -63,11 +63,18 @@ def test_grams_matches_algorithm_1():
 
 
 def test_grams_update_never_points_uphill():
+    """Grams' update is sign(g) times a non-negative magnitude: with no decay, every coordinate
+    moves against its gradient (so <update, g> >= 0), on coordinates where the momentum has the
+    other sign too (where Adam would move uphill)."""
     x0, grads = x_init(), grad_stream((40,), 50, seed=1)
-    traj = run(go.Grams, x0, grads, lr=1e-2)
+    traj = run(go.Grams, x0, grads, lr=1e-2, weight_decay=0.0)
     prev = torch.cat([x0[None], traj[:-1]])
+    adam = run(torch.optim.Adam, x0, grads, lr=1e-2, eps=1e-6)
+    adam_prev = torch.cat([x0[None], adam[:-1]])
+    assert ((adam_prev - adam) * torch.stack(grads) < 0).any()  # Adam does move uphill somewhere
     for g, a, b in zip(grads, prev, traj):
-        assert torch.dot(a - b, g) >= 0  # <update, g> >= 0
+        assert ((a - b) * g >= 0).all()
+        assert torch.dot(a - b, g) > 0
 
 
 def test_grams_against_pytorch_optimizer():
@@ -125,11 +132,18 @@ def test_ademamix_schedulers():
 
 
 def test_ademamix_slow_ema_is_not_bias_corrected():
-    x = torch.zeros(3, dtype=DT, requires_grad=True)
-    opt = go.AdEMAMix([x], betas=(0.9, 0.999, 0.99))
-    x.grad = torch.ones(3, dtype=DT)
+    """The stored slow EMA and the first step: m1/(1-b1) = g, v/(1-b2) = g² (bias-corrected),
+    slow term (1-b3) g uncorrected, so Δ1 = -lr (g + α(1-b3) g)/(|g| + ε) - lr·wd·x0."""
+    lr, alpha, eps, wd = 0.1, 5.0, 1e-8, 0.2
+    x0 = torch.tensor([0.5, -1.0, 2.0], dtype=DT)
+    g = torch.tensor([1.0, -3.0, 0.25], dtype=DT)
+    x = x0.clone().requires_grad_()
+    opt = go.AdEMAMix([x], lr=lr, betas=(0.9, 0.999, 0.99), alpha=alpha, eps=eps, weight_decay=wd)
+    x.grad = g.clone()
     opt.step()
-    torch.testing.assert_close(opt.state[x]["exp_avg_slow"], torch.full((3,), 0.01, dtype=DT))
+    torch.testing.assert_close(opt.state[x]["exp_avg_slow"], 0.01 * g, rtol=1e-15, atol=0)
+    expected = x0 - lr * (g + alpha * 0.01 * g) / (g.abs() + eps) - lr * wd * x0
+    torch.testing.assert_close(x.detach(), expected, rtol=1e-14, atol=1e-15)
 
 
 def test_ademamix_against_pytorch_optimizer():
@@ -313,16 +327,25 @@ def test_reddi_counterexample_adam_fails_amsgrad_succeeds():
 
 
 def test_amsgrad_effective_step_is_non_increasing():
+    """AMSGrad's per-coordinate step size lr/(sqrt(v̂)+eps) never grows (the paper's point), on a
+    stream with occasional large gradients; Adam's (lr/(sqrt(v)+eps), no bias correction, the same
+    v recursion) grows on the same stream after each burst."""
+    lr, eps, (b1, b2) = 1e-3, 1e-8, (0.9, 0.999)
     x = x_init((20,)).requires_grad_()
-    opt = go.AMSGrad([x])
-    prev = None
-    for g in grad_stream((20,), 40, seed=15, scale=1.0):
-        x.grad = g * (5.0 if torch.rand(1).item() < 0.2 else 1.0)
+    opt = go.AMSGrad([x], lr=lr, betas=(b1, b2), eps=eps)
+    gen = torch.Generator().manual_seed(16)
+    prev, v, adam_grew = None, torch.zeros(20, dtype=DT), False
+    for g in grad_stream((20,), 60, seed=15):
+        x.grad = g * (5.0 if torch.rand((), generator=gen) < 0.2 else 1.0)
         opt.step()
-        vmax = opt.state[x]["max_exp_avg_sq"].clone()
+        v_prev, v = v, b2 * v + (1 - b2) * x.grad**2
+        torch.testing.assert_close(opt.state[x]["exp_avg_sq"], v, rtol=1e-14, atol=0)
+        step = lr / (opt.state[x]["max_exp_avg_sq"].sqrt() + eps)
         if prev is not None:
-            assert (vmax >= prev).all()
-        prev = vmax
+            assert (step <= prev).all()
+            adam_grew |= bool((v < v_prev).any())
+        prev = step
+    assert adam_grew
 
 
 # ----------------------------------------------------------------------------------------------

@@ -62,6 +62,20 @@ def test_sgdp_against_clovaai_adamp_nesterov(momentum):
     torch.testing.assert_close(ours, peer, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("cls, kw", [
+    (AdamP, dict(betas=(0.9, 0.99), nesterov=False)), (AdamP, dict(betas=(0.9, 0.99), nesterov=True)),
+    (SGDP, dict(momentum=0.0)), (SGDP, dict(momentum=0.9, nesterov=True)), (SGDP, dict(momentum=0.9)),
+], ids=["AdamP", "AdamP-nesterov", "SGDP", "SGDP-nesterov", "SGDP-momentum"])
+def test_against_pytorch_optimizer(cls, kw):
+    """A second, independent peer: pytorch-optimizer's AdamP and SGDP (decoupled decay, as the
+    paper), 100 steps.  For SGDP with momentum and no Nesterov it agrees with us and not with
+    clovaai's package (whose buffer is projected in place, see the next test)."""
+    po = pytest.importorskip("pytorch_optimizer")
+    ours, _ = run(cls, W0, 100, mixed, lr=1e-2, weight_decay=0.1, **kw)
+    peer, _ = run(getattr(po, cls.__name__), W0, 100, mixed, lr=1e-2, weight_decay=0.1, **kw)
+    torch.testing.assert_close(ours, peer, rtol=1e-6, atol=0)
+
+
 def test_sgdp_buffer_difference_with_clovaai_adamp():
     """Justified difference: without Nesterov, adamp's SGDP projects its momentum buffer in place (the
     update aliases the buffer); the paper's Algorithm 1, which we follow, keeps b_t unprojected.

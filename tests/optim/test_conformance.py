@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import gradkit.optim as go
 from gradkit.optim import SparseGradientError
 from gradkit.optim._base import PACK_NUMEL
 
@@ -67,6 +68,28 @@ params_entries = pytest.mark.parametrize("entry", REGISTRY, ids=repr)
 
 
 # ----------------------------------------------------------------------------------------------
+PAPER_DEFAULTS = {  # issue 3, the papers and their reference code, as the docstrings cite them
+    go.Lion: dict(lr=1e-4, betas=(0.9, 0.99)),
+    go.AdamP: dict(delta=0.1, wd_ratio=0.1, nesterov=False),
+    go.SGDP: dict(delta=0.1, wd_ratio=0.1, nesterov=False),
+    go.AdEMAMix: dict(betas=(0.9, 0.999, 0.9999), alpha=2.0),
+    go.INNAprop: dict(alpha=0.1, beta=0.9, sigma=0.999),
+    go.AdaBound: dict(final_lr=0.1, gamma=1e-3),
+    go.AMSBound: dict(final_lr=0.1, gamma=1e-3),
+    go.AMSGrad: dict(bias_correction=False),
+    go.MicroAdam: dict(window=10, density=0.01, bits=4),
+    go.FRUGAL: dict(density=0.25, update_gap=200, projector="blocks", complement="sign", block_order="random"),
+    go.DoG: dict(lr=1.0, reps_rel=1e-6),
+    go.LDoG: dict(lr=1.0, reps_rel=1e-6),
+}
+
+
+@pytest.mark.parametrize("cls", list(PAPER_DEFAULTS), ids=lambda c: c.__name__)
+def test_paper_defaults(cls):
+    opt = cls(make_params(), **({"lr": 0.1} if cls is go.SGDP else {}))  # SGDP has no default lr, as SGD
+    assert {k: opt.defaults[k] for k in PAPER_DEFAULTS[cls]} == PAPER_DEFAULTS[cls]
+
+
 @params_entries
 def test_defaults_and_per_group_hyperparameters(entry):
     params = make_params()

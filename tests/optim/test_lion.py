@@ -88,6 +88,30 @@ def test_lionk_l2_step_has_norm_lr():
     torch.testing.assert_close(torch.linalg.vector_norm(steps, dim=1), torch.full((20,), 0.1, dtype=DT))
 
 
+@pytest.mark.parametrize("k", ["l2", "quadratic"])
+@pytest.mark.parametrize("path", [{}, {"foreach": False}, {"fused": True}])
+def test_lionk_equals_the_written_out_update(k, path):
+    """Lion-K with ∇K(c) = c/‖c‖ per tensor ("l2") or c ("quadratic"), written out in float64 for
+    two tensors of different shapes (a norm over the whole group would fail), weight decay on."""
+    b1, b2, lr, wd = 0.9, 0.99, 0.05, 0.3
+    gen = torch.Generator().manual_seed(9)
+    x0 = [torch.randn(4, 5, generator=gen, dtype=DT), torch.randn(7, generator=gen, dtype=DT)]
+    xs = [x.clone().requires_grad_() for x in x0]
+    opt = LionK(xs, lr=lr, betas=(b1, b2), weight_decay=wd, k=k, **path)
+    ref, m = [x.clone() for x in x0], [torch.zeros_like(x) for x in x0]
+    for _ in range(30):
+        grads = [torch.randn(x.shape, generator=gen, dtype=DT) for x in x0]
+        for x, g in zip(xs, grads):
+            x.grad = g.clone()
+        opt.step()
+        for i, g in enumerate(grads):
+            c = b1 * m[i] + (1 - b1) * g
+            ref[i] = ref[i] * (1 - lr * wd) - lr * (c / torch.linalg.vector_norm(c) if k == "l2" else c)
+            m[i] = b2 * m[i] + (1 - b2) * g
+    for x, r in zip(xs, ref):
+        torch.testing.assert_close(x.detach(), r, rtol=1e-13, atol=1e-14)
+
+
 # ----------------------------------------------------------------------------------------------
 # Lion-K paper (Chen, Liu, Liang, Liu 2023): Lion with weight decay lambda solves
 # min f(x) s.t. ||x||_inf <= 1/lambda

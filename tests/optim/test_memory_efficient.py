@@ -633,18 +633,21 @@ def test_adamwsn_singleton_subsets_are_adagrad():
     close(ours, ref, rtol=1e-14)
 
 
-@pytest.mark.parametrize("subset_size", [-1, 1])
+@pytest.mark.parametrize("subset_size", [-1, 1, 4])
 def test_adamwsn_against_pytorch_optimizer(subset_size):
     """100 steps beside pytorch-optimizer's AdamWSN (subset norm, full momentum: ``rank=None``).
 
-    subset_size=-1 is its ``sn=True`` group (sqrt(d)-sized contiguous subsets); subset_size=1 is its
-    plain group (per-coordinate, i.e. AdamW with eps added before the bias correction)."""
+    subset_size=-1 is its ``sn=True`` group (sqrt(d)-sized contiguous subsets), 4 the same with
+    subsets of 4; subset_size=1 is its plain group (per-coordinate, i.e. AdamW with eps added
+    before the bias correction)."""
     po = pytest.importorskip("pytorch_optimizer")
     kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
-    stream = grads(SN_SHAPES, 100, seed=2)
-    a, b = params(SN_SHAPES), params(SN_SHAPES)
+    shapes = [s for s in SN_SHAPES if s != ()] if subset_size == 4 else SN_SHAPES  # its divisor search fails on 1
+    stream = grads(shapes, 100, seed=2)
+    a, b = params(shapes), params(shapes)
     ours = run(AdamWSN(a, subset_size=subset_size, rank=None, **kw), a, stream)
-    peer = po.AdamWSN([{"params": b, "sn": subset_size == -1}], subset_size=-1, foreach=False, **kw)
+    peer = po.AdamWSN([{"params": b, "sn": subset_size != 1}], subset_size=4 if subset_size == 4 else -1,
+                      foreach=False, **kw)
     close(ours, run(peer, b, stream), rtol=1e-6)
 
 

@@ -54,6 +54,39 @@ def test_grokfast_ema_matches_pytorch_optimizer():
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-14, atol=1e-15)
 
 
+def test_grokfast_with_adamw_is_pytorch_optimizers_grokfast_adamw():
+    """Grokfast("ema") in front of torch.optim.AdamW with lr / (1 + λ) is pytorch-optimizer's fused
+    GrokFastAdamW (its ``normalize_lr``) over 100 steps: exactly, once both epsilons vanish; with
+    eps = 1e-8 they differ at ~1e-6 only because that AdamW clamps sqrt(v̂) at eps where torch's
+    adds eps (nothing of Grokfast's)."""
+    from pytorch_optimizer import GrokFastAdamW
+
+    lam, alpha, lr, wd = 2.0, 0.9, 1e-2, 0.05
+    x0 = torch.randn(40, generator=torch.Generator().manual_seed(3), dtype=DT)
+    gen = torch.Generator().manual_seed(4)
+    stream = [torch.randn(40, generator=gen, dtype=DT) for _ in range(100)]
+
+    def run(eps, ours):
+        x = x0.clone().requires_grad_()
+        if ours:
+            gf = Grokfast([x], "ema", alpha=alpha, lamb=lam)
+            opt = torch.optim.AdamW([x], lr=lr / (1 + lam), betas=(0.9, 0.99), eps=eps, weight_decay=wd)
+        else:
+            opt = GrokFastAdamW([x], lr=lr, betas=(0.9, 0.99), eps=eps, grokfast_alpha=alpha, grokfast_lamb=lam,
+                                weight_decay=wd, foreach=False)
+        for g in stream:
+            x.grad = g.clone()
+            if ours:
+                gf.apply()
+            opt.step()
+        return x.detach()
+
+    torch.testing.assert_close(run(1e-300, True), run(1e-300, False), rtol=1e-13, atol=0)
+    ours, peer = run(1e-8, True), run(1e-8, False)
+    torch.testing.assert_close(ours, peer, rtol=1e-5, atol=0)
+    assert not torch.allclose(ours, peer, rtol=1e-8, atol=0)
+
+
 @pytest.mark.parametrize("filter_type", ["mean", "sum"])
 @pytest.mark.parametrize("warmup", [True, False])
 def test_grokfast_ma_matches_pytorch_optimizer(filter_type, warmup):
