@@ -10,7 +10,12 @@ default ``foreach`` path, the same optimizer from pytorch-optimizer (``foreach=T
 one), and torch.optim.AdamW (foreach and fused).  Times are medians over ``--repeats`` steps taken
 in interleaved rounds (ours, peer, ours, ...) so that drift on a shared machine hits all columns
 alike; the key columns are the ratios measured in this run.  State bytes per parameter count the
-tensors in the optimizer state (step counters excluded).
+tensors in the optimizer state (step counters excluded); "scratch" is what ours keeps besides
+(``Optimizer.scratch_bytes``: flat copies of packed small tensors' parameters and gradients).
+Every optimizer takes two untimed steps first, MicroAdam ``window + 1`` (its window full).
+AdamWSN-SM refreshes its subspace (an SVD per matrix) every 200 steps, never in the timed
+steps; AdamWSN-SM-refresh times that refresh step (``update_proj_gap=1``): the amortised cost is
+(refresh + 199 x AdamWSN-SM) / 200.
 """
 
 from __future__ import annotations
@@ -42,12 +47,14 @@ def optimizers():
     """name -> (our factory, peer factory or None)."""
     po = _po()
 
-    def peer(name, **kw):
+    def peer(name, group=None, **kw):
+        """``group``: options of the (one) param group, for a peer that reads them there."""
         if po is None:
             return None
         cls = getattr(po, name)
 
         def make(params):
+            params = [dict(group, params=params)] if group else params
             try:
                 return cls(params, foreach=True, **kw)
             except TypeError:
@@ -75,11 +82,13 @@ def optimizers():
         "OptimisticGradient": (lambda p, **k: go.OptimisticGradient(p, **k), None),
         "MicroAdam": (lambda p, **k: go.MicroAdam(p, **k), None),
         "FRUGAL": (lambda p, **k: go.FRUGAL(p, **k), None),
-        # pytorch-optimizer's AdamWSN is Subset-Norm with full momentum and sqrt(d)-sized subsets:
-        # compared with ours in that configuration; our default adds rank-128 Subspace-Momentum
-        # (SVD + two projections per matrix, no peer), timed alone as AdamWSN-SM
-        "AdamWSN": (lambda p, **k: go.AdamWSN(p, rank=None, subset_size=-1, **k), peer("AdamWSN")),
+        # pytorch-optimizer's AdamWSN is Subset-Norm (for groups with sn=True; without it, AdamW)
+        # with full momentum and sqrt(d)-sized subsets: compared with ours in that configuration;
+        # our default adds rank-128 Subspace-Momentum (SVD + two projections per matrix, no peer),
+        # timed alone as AdamWSN-SM, and its refresh step as AdamWSN-SM-refresh
+        "AdamWSN": (lambda p, **k: go.AdamWSN(p, rank=None, subset_size=-1, **k), peer("AdamWSN", {"sn": True})),
         "AdamWSN-SM": (lambda p, **k: go.AdamWSN(p, **k), None),
+        "AdamWSN-SM-refresh": (lambda p, **k: go.AdamWSN(p, update_proj_gap=1, **k), None),
     }
 
 
@@ -102,9 +111,10 @@ def state_bytes(opt, n_params):
 
 
 def timed_rounds(opts, repeats, warmup=2):
-    """Median step time (ms) of each optimizer, measured in interleaved rounds."""
+    """Median step time (ms) of each optimizer, measured in interleaved rounds after ``warmup``
+    untimed steps (more for an optimizer with a ``window`` of past gradients: until it is full)."""
     for opt in opts:
-        for _ in range(warmup):
+        for _ in range(max(warmup, opt.defaults.get("window", 0) + 1)):
             opt.step()
     times = [[] for _ in opts]
     for _ in range(repeats):
@@ -131,8 +141,9 @@ def main(argv=None):
         if n not in table:
             ap.error(f"unknown optimizer {n!r}; known: {', '.join(table)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
-    header = (f"{'set':7} {'optimizer':12} {'fused ms':>9} {'foreach ms':>10} {'peer ms':>9} {'AdamW fe':>9} "
-              f"{'AdamW fu':>9} {'fused/peer':>10} {'fused/AdamWfu':>13} {'B/param':>8} {'peer B/p':>8}")
+    header = (f"{'set':7} {'optimizer':18} {'fused ms':>9} {'foreach ms':>10} {'peer ms':>9} {'AdamW fe':>9} "
+              f"{'AdamW fu':>9} {'fused/peer':>10} {'fused/AdamWfu':>13} {'B/param':>8} {'scratch':>8} "
+              f"{'peer B/p':>8}")
     print(header)
     print("-" * len(header))
     for set_name in args.sets.split(","):
@@ -151,9 +162,10 @@ def main(argv=None):
             opts = [fused, foreach, adamw_fe, adamw_fu] + ([peer] if peer else [])
             t = timed_rounds(opts, repeats)
             t_peer = t[4] if peer else float("nan")
-            print(f"{set_name:7} {name:12} {t[0]:9.2f} {t[1]:10.2f} {t_peer:9.2f} {t[2]:9.2f} {t[3]:9.2f} "
-                  f"{t[0] / t_peer:10.2f} {t[0] / t[3]:13.2f} {state_bytes(fused, numel):8.1f} "
-                  f"{state_bytes(peer, numel) if peer else float('nan'):8.1f}", flush=True)
+            print(f"{set_name:7} {name:18} {t[0]:9.2f} {t[1]:10.2f} {t_peer:9.2f} {t[2]:9.2f} {t[3]:9.2f} "
+                  f"{t[0] / t_peer:10.2f} {t[0] / t[3]:13.2f} {state_bytes(fused, numel):8.2f} "
+                  f"{fused.scratch_bytes() / numel:8.1f} {state_bytes(peer, numel) if peer else float('nan'):8.2f}",
+                  flush=True)
             del fused, foreach, peer, opts
             gc.collect()
         del params, adamw_fe, adamw_fu

@@ -325,18 +325,48 @@ def test_quick_preset_is_smaller_than_default():
 # ------------------------------------------------------------------ optimizers section
 def test_optimizers_section_best_is_argmin_of_its_sweep(quick):
     res = quick["optimizers"]
-    from gradkit.report.optimizers import SPECS
+    from gradkit.report.optimizers import MAX_EXTRA_LRS, SPECS
 
     assert list(res.best) == [s.name for s in SPECS[: len(res.best)]] and len(res.best) >= 3
     for name, runs in res.sweep.items():
         spec = next(s for s in SPECS if s.name == name)
-        assert [r.lr for r in runs] == list(spec.lrs)
+        lrs = [r.lr for r in runs]
+        assert lrs == sorted(lrs) and set(spec.lrs) <= set(lrs) and len(lrs) <= len(spec.lrs) + MAX_EXTRA_LRS
+        assert all(lr < min(spec.lrs) or lr > max(spec.lrs) for lr in set(lrs) - set(spec.lrs))
         assert res.best[name].score == min(r.score for r in runs)
         for r in runs:
             tail = r.train_loss[-max(1, len(r.train_loss) // 10):]
             assert r.score == pytest.approx(sum(tail) / len(tail)) or not math.isfinite(r.score)
     assert res.best["Lion"].state_bytes_per_param == 4.0
+    assert res.best["Lion"].scratch_bytes_per_param == 8.0  # the model's tensors are all packed
     assert res.best["AdamW (torch)"].state_bytes_per_param == 8.0
+    assert res.best["AdamW (torch)"].scratch_bytes_per_param == 0.0
+
+
+def test_sweep_goes_past_the_end_of_the_grid_while_the_best_is_there():
+    from gradkit.report.optimizers import OptimizerRun, sweep_lrs
+
+    def runner(target, diverge_above=math.inf):
+        calls = []
+
+        def run(lr):
+            calls.append(lr)
+            loss = math.inf if lr > diverge_above else (math.log10(lr) - math.log10(target)) ** 2
+            return OptimizerRun("x", lr, [loss], 1.0, 0.0, 0.0)
+
+        return run, calls
+
+    grid = (1e-3, 1e-2, 1e-1)
+    run, calls = runner(target=2.0)  # best inside after two more: 1, 10 (then 10 is worse than 1)
+    assert [r.lr for r in sweep_lrs(grid, run)] == pytest.approx([1e-3, 1e-2, 1e-1, 1.0, 10.0])
+    assert calls[:3] == list(grid)
+    run, _ = runner(target=1e-9)  # always better further down: stops after `extra` runs
+    assert [r.lr for r in sweep_lrs(grid, run, extra=2)] == pytest.approx([1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
+    run, _ = runner(target=2e-2)  # best inside the grid: nothing added
+    assert [r.lr for r in sweep_lrs(grid, run)] == list(grid)
+    run, _ = runner(target=10.0, diverge_above=0.5)  # the run past the end diverges: the sweep stops there
+    runs = sweep_lrs(grid, run)
+    assert [r.lr for r in runs] == pytest.approx([1e-3, 1e-2, 1e-1, 1.0]) and runs[-1].score == math.inf
 
 
 def test_optimizers_section_adamw_curve_equals_a_plain_training_loop(quick):

@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 
+import gradkit.optim as go
 from gradkit.optim._base import PACK_NUMEL
 from gradkit.optim.adamwsn import AdamWSN
 
@@ -242,3 +243,18 @@ def test_run_flat_on_rank_four_inputs_falls_back_to_torch_compile():
     assert _graph_compiled(_dot, (), (DT, DT), DT, 1, a.device, (False,) * 4) is None
     torch.testing.assert_close(run_flat(_dot, [a, b], torch.zeros(1, dtype=DT), {}), (a * b).sum(),
                                rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("make", [lambda ps, **k: go.Lion(ps, **k), lambda ps, **k: AdamWSN(ps, rank=None, **k)],
+                         ids=["Lion", "AdamWSN"])
+def test_scratch_bytes_are_the_packed_parameter_and_gradient_copies(make):
+    """``scratch_bytes``: the flat parameter and gradient buffers of the packed small tensors (8
+    bytes per packed float32 parameter), nothing for large tensors or on the reference path."""
+    ps = [torch.zeros(s, requires_grad=True) for s in [(8, 8)] * 5 + [(PACK_NUMEL + 1,)]]
+    packed = 5 * 64
+    for kw, expected in (({}, 8 * packed), ({"fused": True}, 8 * packed), ({"foreach": False}, 0)):
+        opt = make(ps, **kw)
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        assert opt.scratch_bytes() == expected

@@ -674,6 +674,14 @@ class Optimizer(torch.optim.Optimizer):
                     total += v.numel() * v.element_size()
         return total
 
+    def scratch_bytes(self) -> int:
+        """Bytes of working memory kept between steps besides the state: on the default and fused
+        paths, the flat copies of the parameters and gradients of the packed small tensors (the
+        packs' state buffers *are* the state, counted by :meth:`state_bytes`).  For float32, 8
+        bytes per packed parameter: in a real model only its biases and norms (tensors of at most
+        ``PACK_NUMEL`` entries); 0 on the ``foreach=False`` path."""
+        return sum(b.numel() * b.element_size() for pack in self._packs.values() for b in pack.buffers[:2])
+
 
 class PerTensorOptimizer(Optimizer):
     """Base of optimizers whose update is not one elementwise or batched kernel (compressed,

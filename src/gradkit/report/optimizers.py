@@ -11,7 +11,9 @@ Protocol (the same for every optimizer):
   for all of them (the section compares how fast they *optimise*, not how they regularise);
 * the learning rate is chosen from a grid of five values per optimizer family by the mean
   training loss over the last 10% of the steps (the training loss, not the test set: nothing is
-  tuned on test data); the test accuracy at the end is reported beside it.
+  tuned on test data); the test accuracy at the end is reported beside it.  While the best value
+  sits at an end of the grid, the sweep goes on past that end by the grid's ratio there (at most
+  :data:`MAX_EXTRA_LRS` more runs), so that no optimizer is compared at the edge of its sweep.
 """
 
 from __future__ import annotations
@@ -28,12 +30,15 @@ from tqdm.auto import tqdm
 
 from gradkit.report.base import Plot, ReportContext, Section, fmt, html_table
 
-__all__ = ["OptimizerSpec", "OptimizerRun", "OptimizersResult", "SPECS", "train_minibatch", "optimizers_section"]
+__all__ = ["OptimizerSpec", "OptimizerRun", "OptimizersResult", "SPECS", "MAX_EXTRA_LRS", "train_minibatch",
+           "sweep_lrs", "optimizers_section"]
 
 BATCH_SIZE = 64
 
 ADAM_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 LION_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # Lion's steps are sign vectors: ~10x smaller lr (Chen et al.)
+#: Runs added past an end of a grid while the best learning rate sits there (the same rule for every optimizer).
+MAX_EXTRA_LRS = 3
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class OptimizerRun:
     test_acc: float
     state_bytes_per_param: float
     seconds: float
+    scratch_bytes_per_param: float = 0.0  # gradkit's working buffers besides the state (Optimizer.scratch_bytes)
 
     @property
     def score(self) -> float:
@@ -143,7 +149,30 @@ def train_minibatch(
     with torch.no_grad():
         acc = float((model(x_test).argmax(1) == y_test).float().mean())
     n = sum(p.numel() for p in params)
-    return OptimizerRun(name, float(lr), losses, acc, _state_bytes(opt) / n, seconds)
+    scratch = opt.scratch_bytes() if hasattr(opt, "scratch_bytes") else 0
+    return OptimizerRun(name, float(lr), losses, acc, _state_bytes(opt) / n, seconds, scratch / n)
+
+
+def sweep_lrs(lrs: tuple[float, ...], run: Callable[[float], OptimizerRun],
+              extra: int = MAX_EXTRA_LRS) -> list[OptimizerRun]:
+    """``run`` at every learning rate of ``lrs``, then, while the best run (the lowest score) is at
+    the lowest or highest learning rate and that run did not diverge, one more run past that end
+    (the end times the ratio of the two outermost values there), at most ``extra`` times.  Returns
+    the runs sorted by learning rate."""
+    runs = {lr: run(lr) for lr in lrs}
+    for _ in range(extra):
+        grid = sorted(runs)
+        best = min(runs.values(), key=lambda r: r.score)
+        if not math.isfinite(best.score) or len(grid) < 2:
+            break
+        if best.lr == grid[-1]:
+            new = grid[-1] * grid[-1] / grid[-2]
+        elif best.lr == grid[0]:
+            new = grid[0] * grid[0] / grid[1]
+        else:
+            break
+        runs[new] = run(new)
+    return [runs[lr] for lr in sorted(runs)]
 
 
 def optimizers_section(ctx: ReportContext) -> Section:
@@ -165,12 +194,16 @@ def optimizers_section(ctx: ReportContext) -> Section:
     bar = tqdm(total=total, desc="optimizers (lr sweep)", disable=not ctx.progress, leave=False)
     try:
         for spec in specs:
-            runs = []
-            for lr in spec.lrs:
-                model = copy.deepcopy(init)
-                runs.append(train_minibatch(model, spec.make, lr, data.x_train, data.y_train, order,
-                                            x_test=data.x_test, y_test=data.y_test, name=spec.name))
+            def run(lr: float, spec: OptimizerSpec = spec) -> OptimizerRun:
+                if lr not in spec.lrs:  # a run past the grid
+                    bar.total += 1
+                    bar.refresh()
+                out = train_minibatch(copy.deepcopy(init), spec.make, lr, data.x_train, data.y_train, order,
+                                      x_test=data.x_test, y_test=data.y_test, name=spec.name)
                 bar.update(1)
+                return out
+
+            runs = sweep_lrs(spec.lrs, run)
             result.sweep[spec.name] = runs
             result.best[spec.name] = min(runs, key=lambda r: r.score)
     finally:
@@ -181,14 +214,17 @@ def optimizers_section(ctx: ReportContext) -> Section:
     for spec in specs:
         r = result.best[spec.name]
         rows.append([spec.name, r.lr, r.train_loss[-1], r.score, r.score / base.score,
-                     f"{100 * r.test_acc:.1f}%", r.state_bytes_per_param, f"{r.seconds:.2f}"])
+                     f"{100 * r.test_acc:.1f}%", r.state_bytes_per_param, r.scratch_bytes_per_param,
+                     f"{r.seconds:.2f}"])
+    counts = sorted({len(runs) for runs in result.sweep.values()})
+    n_lrs = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
     summary = [
-        f"{len(specs)} optimizers × {len(specs[0].lrs)} learning rates, {result.steps} steps of batch "
-        f"{BATCH_SIZE} from the same initialisation",
+        f"{len(specs)} optimizers × {n_lrs} learning rates, {result.steps} steps of batch {BATCH_SIZE} "
+        "from the same initialisation",
     ]
     ranked = sorted(result.best.values(), key=lambda r: r.score)
-    summary.append("best final train loss: " + ", ".join(f"{r.name} {r.score:.3g} (η={fmt(r.lr, 2)})"
-                                                        for r in ranked[:4]))
+    summary.append("best score (mean train loss over the last 10% of steps): "
+                   + ", ".join(f"{r.name} {r.score:.3g} (η={fmt(r.lr, 2)})" for r in ranked[:4]))
     intro = (
         f"<p>The model of the “Training” section ({config.hidden} hidden units, same initialisation) "
         f"trained again with mini-batches of {BATCH_SIZE} ({epochs} epochs, {result.steps} steps, the same "
@@ -199,18 +235,21 @@ def optimizers_section(ctx: ReportContext) -> Section:
     )
     table = html_table(
         ["optimizer", "best η", "final train loss", "score (last 10%)", "score ÷ AdamW's", "test accuracy",
-         "state bytes / param", "seconds"],
+         "state bytes / param", "scratch bytes / param", "seconds"],
         rows,
         caption="Each optimizer at its best learning rate.",
     )
+    width = max(len(runs) for runs in result.sweep.values())
     sweep_table = html_table(
-        ["optimizer"] + [f"η #{i + 1}" for i in range(len(specs[0].lrs))],
-        [[name] + [f"{fmt(r.lr, 2)}: {fmt(r.score, 3)}" for r in runs] for name, runs in result.sweep.items()],
+        ["optimizer"] + [f"η #{i + 1}" for i in range(width)],
+        [[name] + [f"{fmt(r.lr, 2)}: {fmt(r.score, 3)}" for r in runs] + [""] * (width - len(runs))
+         for name, runs in result.sweep.items()],
         caption="The sweep: learning rate and score of every run (inf = diverged).",
         numeric=False,
     )
-    edge = [s.name for s in specs if result.best[s.name].lr in (s.lrs[0], s.lrs[-1])]
-    notes = [f"best learning rate at the edge of its grid for {', '.join(edge)}: a wider sweep could do better"] if edge else []
+    edge = [name for name, runs in result.sweep.items() if result.best[name].lr in (runs[0].lr, runs[-1].lr)]
+    notes = [f"best learning rate at the edge of its sweep for {', '.join(edge)} (after {MAX_EXTRA_LRS} runs past the "
+             "grid): a wider sweep could do better"] if edge else []
     fig = plots.optimizer_curves(result.best, result.sweep)
     body = [
         intro,
