@@ -230,6 +230,20 @@ def test_inputs_are_not_modified_and_need_no_grad():
     assert torch.equal(x, before) and x.grad is None and not x.requires_grad
 
 
+def test_a_model_whose_first_operation_is_in_place_modifies_no_user_tensor():
+    """ReLU(inplace=True) first: the inputs, the background of expected gradients (its delta runs
+    the model on the background) and an attacked input stay as given."""
+    from gradkit.explain import robustness
+
+    first = nn.Sequential(nn.ReLU(inplace=True), mlp(d_in=3)).eval()
+    x = torch.tensor([[0.5, -1.0, 2.0], [-1.0, -0.5, 3.0]], dtype=DTYPE)
+    background = torch.tensor([[-1.0, 2.0, -3.0], [0.5, -0.5, 1.0], [-2.0, -2.0, 0.0]], dtype=DTYPE)
+    kept = x.clone(), background.clone()
+    E.expected_gradients(first, x, 0, background=background, n=4, seed=0, return_delta=True)
+    robustness.attribution_attack(first, x, 0, eps=0.1, steps=2, seed=0)
+    assert torch.equal(x, kept[0]) and torch.equal(background, kept[1])
+
+
 # --------------------------------------------------------------------------- inputs, baselines
 def test_baseline_forms():
     """None = zeros, a scalar, one baseline per feature, one per example: all broadcast."""

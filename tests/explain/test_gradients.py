@@ -10,6 +10,7 @@ import pytest
 import torch
 from captum.attr import GradientShap, InputXGradient, IntegratedGradients, Saliency
 from captum.testing.helpers.basic_models import BasicModel2, BasicModel3
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -345,6 +346,10 @@ def test_prior_closed_forms():
     torch.testing.assert_close(E.gini(v), pairs)
     assert abs(float(E.gini(torch.ones(5, dtype=DTYPE)))) < 1e-15
     assert abs(float(E.gini(torch.tensor([0, 0, 0, 2.0], dtype=DTYPE))) - 0.75) < 1e-15
+    zeros = torch.zeros(2, 5, dtype=DTYPE, requires_grad=True)  # all equal (e.g. x' = x): 0, not 0/0
+    prior = E.gini_sparsity_prior(zeros)
+    (grad,) = torch.autograd.grad(prior, zeros)
+    assert float(prior) == 0.0 and float(E.gini(torch.zeros(4, dtype=DTYPE))) == 0.0 and torch.isfinite(grad).all()
     batch = randn(3, 7)
     torch.testing.assert_close(E.gini_sparsity_prior(batch), -E.gini(batch.abs().mean(0)))
     W = torch.rand(7, 7, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
@@ -578,6 +583,37 @@ def test_fold_batch_norm_refuses_what_it_cannot_fold():
         handle = inlined.register_forward_hook(lambda module, args, out: out * 2)
         assert fold(model) is model
         handle.remove()
+
+
+def test_fold_batch_norm_keeps_a_convolution_used_elsewhere():
+    """A convolution called twice, or whose weight the model also reads directly, is not folded
+    (its other uses would see the folded weights: another function); a pair beside it still is."""
+    fold = E._common.fold_batch_norm
+
+    class Reused(nn.Module):
+        def __init__(self, direct: bool) -> None:
+            super().__init__()
+            self.direct = direct
+            self.conv, self.bn = nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2)
+            self.other, self.bn2 = nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            h = self.bn(self.conv(x))
+            h = F.conv2d(h, self.conv.weight, padding=1) if self.direct else self.conv(h)
+            return self.bn2(self.other(h)).flatten(1)
+
+    for direct in (False, True):
+        model = Reused(direct)
+        with torch.no_grad():
+            for bn in (model.bn, model.bn2):
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+                bn.weight.uniform_(0.5, 2)
+        model = model.double().eval()
+        folded = fold(model)
+        assert [type(m) for m in folded.modules()].count(nn.BatchNorm2d) == 1  # bn kept, bn2 folded
+        x = randn(3, 2, 4, 4)
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-13)
 
 
 def test_folded_channels_last_sweeps_equal_the_reference_path(monkeypatch):

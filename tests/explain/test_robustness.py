@@ -423,6 +423,11 @@ def test_certified_bound_refuses_what_it_cannot_bound(trained):
         rb.deviation_bound(model, x, lambda out: out[:, 0], eps=0.1, certified=True)
     with pytest.raises(TypeError, match="certified must be True or False"):
         rb.deviation_bound(model, x, labels, eps=0.1, certified="yes")
+    n_classes = model(x).shape[1]
+    for target in (n_classes, torch.full_like(labels, n_classes)):  # as the non-certified path says
+        for certified in (False, True):
+            with pytest.raises(ValueError, match=f"out of range for a model output with {n_classes} classes"):
+                rb.deviation_bound(model, x, target, eps=0.1, certified=certified)
     with pytest.raises(TypeError, match="detach_natural must be True or False"):
         rb.igr_penalty(model, x, x, labels, detach_natural=1)
     relu = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 3)).to(DTYPE)

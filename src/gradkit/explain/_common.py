@@ -68,6 +68,7 @@ The pieces below (:func:`check_inputs`, :func:`check_target`, :func:`select`, :f
 
 from __future__ import annotations
 
+import collections
 import functools
 import numbers
 from collections.abc import Callable, Iterator
@@ -243,19 +244,24 @@ def select(output: Any, target: None | int | Tensor | Callable[[Tensor], Tensor]
             f"an index target needs a (B, C) model output, got shape {tuple(output.shape)}; "
             "pass a callable target(output) -> (B,) instead"
         )
-    n_classes = output.shape[1]
+    check_class_index(target, output.shape[1])
+    if isinstance(target, int):
+        return output[:, target]
+    return output.gather(1, target.to(output.device)[example].unsqueeze(1)).squeeze(1)
+
+
+def check_class_index(target: int | Tensor, n_classes: int) -> None:
+    """``ValueError`` unless the class index ``target`` (an int or a tensor of them) is below ``n_classes``."""
     if isinstance(target, int):
         if target >= n_classes:
             raise ValueError(
                 f"target={target} is out of range for a model output with {n_classes} classes (0 <= target < {n_classes})"
             )
-        return output[:, target]
-    if int(target.max()) >= n_classes:
+    elif int(target.max()) >= n_classes:
         raise ValueError(
             f"target holds class {int(target.max())}, out of range for a model output with {n_classes} classes "
             f"(0 <= target < {n_classes})"
         )
-    return output.gather(1, target.to(output.device)[example].unsqueeze(1)).squeeze(1)
 
 
 def over_targets(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -383,7 +389,9 @@ def fold_batch_norm(model: Any) -> Any:
     convolution followed by it is one convolution with rescaled weights and a bias
     (``torch.nn.utils.fusion.fuse_conv_bn_eval``): the same function, one elementwise pass fewer
     in the forward and in the backward.  A pair is folded only when the convolution (``Conv1d/2d/3d``,
-    exact types) is in eval mode, its output feeds nothing but the BatchNorm, the BatchNorm is in
+    exact types) is in eval mode, called at this one place of the model (no second call, no direct
+    read of its weights: those would see the folded ones), its output feeds nothing but the
+    BatchNorm, the BatchNorm is in
     eval mode with running statistics, and neither has hooks; with global module hooks, hooks on
     the model or on any module the trace inlines (containers, custom modules), a model that is not
     an ``nn.Module`` or one ``torch.fx`` cannot trace (data-dependent control flow) nothing is
@@ -406,6 +414,12 @@ def fold_batch_norm(model: Any) -> Any:
     except Exception:  # not traceable (control flow on values, unsupported Python): keep the model as it is
         return model
     named = dict(traced.named_modules())
+    calls = collections.Counter(n.target for n in traced.graph.nodes if n.op == "call_module")
+    attrs = [n.target for n in traced.graph.nodes if n.op == "get_attr"]
+
+    def only_here(target: str) -> bool:  # one call, and its parameters are read nowhere else
+        return calls[target] == 1 and not any(a == target or a.startswith(target + ".") for a in attrs)
+
     folded = False
     for node in list(traced.graph.nodes):
         norm = named.get(node.target) if node.op == "call_module" else None
@@ -413,7 +427,8 @@ def fold_batch_norm(model: Any) -> Any:
             continue
         prev = node.args[0]
         conv = named.get(prev.target) if isinstance(prev, torch.fx.Node) and prev.op == "call_module" else None
-        if type(conv) not in _CONVS or conv.training or module_has_hooks(conv) or len(prev.users) != 1:
+        if (type(conv) not in _CONVS or conv.training or module_has_hooks(conv) or len(prev.users) != 1
+                or not only_here(prev.target)):
             continue
         parent, _, name = prev.target.rpartition(".")
         setattr(traced.get_submodule(parent), name, fuse_conv_bn_eval(conv, norm))

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from gradkit.core.functional import global_module_hooks, module_has_hooks
+from gradkit.explain._common import check_class_index
 from gradkit.explain.lrp import _IDENTITY, _leaves
 
 #: σ' and σ'' as polynomials in t = σ(p), coefficients in ascending powers
@@ -151,6 +152,7 @@ def hessian_interval(model: Any, inputs: Tensor, target: None | int | Tensor, ep
             raise ValueError(f"target=None needs one model output, got {units}; pass a class index or a tensor of indices")
         index = torch.zeros(batch, dtype=torch.long, device=x.device)
     else:
+        check_class_index(target, units)
         index = torch.as_tensor(target, device=x.device).expand(batch)
     rows = torch.arange(batch, device=x.device)
     return h_lo[rows, index], h_hi[rows, index]

@@ -138,7 +138,8 @@ def expected_gradients(
         f_x = forward_values(model, lambda step, example: inputs[example], 1, batch, tgt,
                              batch_size=rows, create_graph=create_graph)[0]
         with torch.set_grad_enabled(create_graph):
-            out = torch.cat([model(background[i:i + rows]) for i in range(0, background.shape[0], rows)])
+            # copies: an in-place first operation (ReLU(inplace=True)) must not modify the user's background
+            out = torch.cat([model(background[i:i + rows].clone()) for i in range(0, background.shape[0], rows)])
             f_ref = select(out[index.reshape(-1)], tgt, torch.arange(batch).repeat(n)).reshape(n, batch).mean(0)
     delta = total.reshape(batch, -1).sum(1) - (f_x - f_ref)
     return total, delta

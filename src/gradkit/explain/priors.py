@@ -54,12 +54,15 @@ def gini(values: Tensor) -> Tensor:
     """Gini coefficient of non-negative ``values`` (flattened):
     ``G = Σ_i Σ_j |v_i − v_j| / (2 p Σ_i v_i)``, computed in ``O(p log p)`` from the sorted
     values ``v_(1) ≤ … ≤ v_(p)`` as ``Σ_i (2i − p − 1) v_(i) / (p Σ_i v_i)``.  0 when all values
-    are equal, ``1 − 1/p`` when one value holds everything."""
+    are equal (all zero included, with a zero gradient: not ``0/0``), ``1 − 1/p`` when one value
+    holds everything."""
     v = _check_attributions(values, 1, "a non-empty tensor").reshape(-1)
     p = v.numel()
     sorted_v, _ = torch.sort(v)
     rank = torch.arange(1, p + 1, dtype=v.dtype, device=v.device)
-    return ((2 * rank - p - 1) * sorted_v).sum() / (p * v.sum())
+    total = p * v.sum()
+    positive = total > 0
+    return torch.where(positive, ((2 * rank - p - 1) * sorted_v).sum() / torch.where(positive, total, 1), 0)
 
 
 def gini_sparsity_prior(attributions: Tensor) -> Tensor:

@@ -157,7 +157,7 @@ def _random_start(inputs: Tensor, eps: float, norm: str, generator: torch.Genera
 
 def _labels(model: Any, z: Tensor) -> Tensor | None:
     with torch.no_grad():
-        out = model(z)
+        out = model(z.clone())  # a copy: an in-place first operation must not modify z (the user's inputs)
     return out.argmax(1) if isinstance(out, Tensor) and out.ndim == 2 else None
 
 
