@@ -89,6 +89,28 @@ def test_list_params_and_unused_hparam_give_zeros():
     assert torch.equal(out[2], torch.zeros(2, dtype=DTYPE))
 
 
+def test_namedtuple_hparams_come_back_as_the_same_namedtuple():
+    """A namedtuple is a tuple: accepted, and the hypergradient has its type and fields."""
+    from collections import namedtuple
+
+    HP = namedtuple("HP", ["p", "s"])
+    q = Quadratic()
+    w = list(q.split(q.solution()))
+    lam = HP(q.hparams["p"], q.hparams["s"])
+
+    def inner(l, w):
+        return q.inner({"p": l.p, "s": l.s}, w)
+
+    def outer(l, w):
+        return q.outer({"p": l.p, "s": l.s}, w)
+
+    out = hypergradient(outer, inner, lam, w, method="cg", tol=1e-13)
+    ref = q.closed_form()
+    assert type(out) is HP
+    torch.testing.assert_close(out.p, ref["p"], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.s, ref["s"], rtol=1e-10, atol=1e-10)
+
+
 # --------------------------------------------------------------------------- ridge, closed form
 def ridge(n=40, d=4, lam=0.7, seed=0):
     X, y = randn(n, d, seed=seed), randn(n, seed=seed + 1)

@@ -27,6 +27,8 @@ def rebuild(like: Params, tensors: list[Tensor]) -> Params:
         return tensors[0]
     if isinstance(like, Mapping):
         return dict(zip(like.keys(), tensors))
+    if hasattr(like, "_fields"):  # a namedtuple: built from its fields
+        return type(like)(*tensors)
     return type(like)(tensors)
 
 
