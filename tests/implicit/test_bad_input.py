@@ -125,6 +125,23 @@ def test_bad_options_and_arguments():
         w.sum().backward()
 
 
+def test_prox_and_box_preconditions_on_numbers():
+    """Negative penalties and an empty box are refused, naming the argument (they gave a growing
+    |x|, inf/nan and zeros); tensors are not read (the operators stay usable under torch.func)."""
+    from gradkit.implicit import projection_box, prox_elastic_net
+
+    x = torch.tensor([1.0, -0.2, 3.0], dtype=F64)
+    with pytest.raises(ValueError, match="prox_lasso: l1reg must be >= 0, got -0.5"):
+        prox_lasso(x, -0.5, 2.0)
+    with pytest.raises(ValueError, match="prox_elastic_net: l2reg must be >= 0, got -0.5"):
+        prox_elastic_net(x, (0.5, -0.5), 2.0)
+    with pytest.raises(ValueError, match="prox_elastic_net: l1reg must be >= 0"):
+        prox_elastic_net(x, (-1.0, 0.5))
+    with pytest.raises(ValueError, match=r"projection_box: the box is empty, lower=1.0 > upper=0.0"):
+        projection_box(x, (1.0, 0.0))
+    assert torch.equal(prox_lasso(x, 0.0), x) and torch.equal(projection_box(x, (0.0, 0.0)), torch.zeros(3, dtype=F64))
+
+
 def test_structure_check_without_optimality_check_runs_once_per_signature():
     """check_optimality=False: F(x*, θ) is evaluated in the forward only on the first call with a
     given signature (structures, shapes, dtypes, constants); a new signature is checked again, so a

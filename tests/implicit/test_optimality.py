@@ -9,6 +9,7 @@ import torch
 from gradkit.implicit import (
     custom_fixed_point,
     custom_root,
+    grad_optimality,
     kkt_optimality,
     mirror_descent_fixed_point,
     projected_gradient_fixed_point,
@@ -176,3 +177,30 @@ def test_mirror_descent_entropy_simplex_softmax_closed_form():
     Jf = torch.func.jacfwd(lambda c_: exponentiated_gradient(init, None, c_))(c)
     torch.testing.assert_close(Jr, expected, rtol=0, atol=1e-11)
     torch.testing.assert_close(Jf, expected, rtol=0, atol=1e-11)
+
+
+def test_keyword_arguments_reach_f_and_are_differentiated():
+    """grad_optimality and prox_grad_fixed_point pass the solver's keyword arguments on to f:
+    ridge with a linear term, w* = (XᵀX + λI)⁻¹ (Xᵀy − μ), μ given by keyword; the implicit
+    gradients in λ and μ equal those of the closed form (with a prox of l1reg 0: the same w*)."""
+    A0, b0 = XS.T @ XS, XS.T @ YS
+
+    def f(w, lam, mu=None):
+        return 0.5 * ((XS @ w - YS) ** 2).sum() + 0.5 * lam * (w**2).sum() + (mu * w).sum()
+
+    def closed(lam, mu):
+        return torch.linalg.solve(A0 + lam * torch.eye(D, dtype=F64), b0 - mu)
+
+    lam = torch.tensor(0.7, dtype=F64, requires_grad=True)
+    mu = torch.linspace(-1, 1, D, dtype=F64, requires_grad=True)
+    expected = torch.autograd.grad(closed(lam, mu).square().sum(), (lam, mu))
+    root = custom_root(grad_optimality(f))(lambda init, lam, mu=None: closed(lam, mu).detach())
+    got = torch.autograd.grad(root(None, lam, mu=mu).square().sum(), (lam, mu))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    step = 1.0 / float(torch.linalg.eigvalsh(A0)[-1] + 1.0)
+    fixed = custom_fixed_point(prox_grad_fixed_point(f, prox_lasso, step))(
+        lambda init, l1, lam, mu=None: closed(lam, mu).detach())
+    got = torch.autograd.grad(fixed(None, 0.0, lam, mu=mu).square().sum(), (lam, mu))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)

@@ -44,9 +44,9 @@ def _check_step(where: str, step: Any) -> None:
         raise ValueError(f"{where}: step must be > 0, got {step!r}")
 
 
-def _gradient_step(f: Objective, x: Any, f_params: tuple[Any, ...], step: Any) -> Any:
-    """``x - step · ∇ₓ f(x, *f_params)`` on a tensor or a tuple/dict of tensors."""
-    g = torch.func.grad(f)(x, *f_params)
+def _gradient_step(f: Objective, x: Any, f_params: tuple[Any, ...], step: Any, kwargs: dict[str, Any]) -> Any:
+    """``x - step · ∇ₓ f(x, *f_params, **kwargs)`` on a tensor or a tuple/dict of tensors."""
+    g = torch.func.grad(f)(x, *f_params, **kwargs)
     return pytree.tree_map(lambda a, b: a - step * b, x, g)
 
 
@@ -56,12 +56,13 @@ def grad_optimality(f: Objective) -> Callable[..., Any]:
     Blondel et al. (2022), arXiv:2105.15183, Section 2.2, "Stationary point conditions".  Then
     ``A = -∇²ₓf`` is symmetric (negative definite for strongly convex ``f``) and ``solve="cg"``
     applies.  ``x`` may be a tensor or a tuple/dict of tensors (e.g. a model's parameters); ``f``
-    returns a scalar tensor.
+    returns a scalar tensor.  Keyword arguments of the solver reach ``f`` (and are differentiated,
+    as :func:`~gradkit.implicit.custom_root` documents).
     """
     _check_fn("grad_optimality", "f", f, "f(x, *params) -> scalar")
 
-    def optimality_fn(x: Any, *params: Any) -> Any:
-        return torch.func.grad(f)(x, *params)
+    def optimality_fn(x: Any, *params: Any, **kwargs: Any) -> Any:
+        return torch.func.grad(f)(x, *params, **kwargs)
 
     return optimality_fn
 
@@ -78,14 +79,15 @@ def prox_grad_fixed_point(
     called as ``prox(y, θ_prox, η)`` (e.g. :func:`~gradkit.implicit.prox_lasso`).  Any ``η > 0``
     gives the same fixed points (the minimisers); ``η = 1/L`` (``L`` the Lipschitz constant of
     ``∇f``) makes ``T`` the usual ISTA step.  Decorate a solver ``solver(init, θ_prox, *θ_f)``
-    with ``custom_fixed_point(prox_grad_fixed_point(f, prox, step))``.
+    with ``custom_fixed_point(prox_grad_fixed_point(f, prox, step))``; its keyword arguments
+    reach ``f``.
     """
     _check_fn("prox_grad_fixed_point", "f", f, "f(x, *params) -> scalar")
     _check_fn("prox_grad_fixed_point", "prox", prox, "prox(x, hyperparams, scaling)")
     _check_step("prox_grad_fixed_point", step)
 
-    def fixed_point_fn(x: Any, prox_params: Any, *f_params: Any) -> Any:
-        return prox(_gradient_step(f, x, f_params, step), prox_params, step)
+    def fixed_point_fn(x: Any, prox_params: Any, *f_params: Any, **f_kwargs: Any) -> Any:
+        return prox(_gradient_step(f, x, f_params, step, f_kwargs), prox_params, step)
 
     return fixed_point_fn
 
@@ -182,7 +184,8 @@ def mirror_descent_fixed_point(
     ``∇φ(x) = log x`` (the ``+1`` of ``∇(Σ x log x)`` cancels in the normalisation) and
     ``P(y) = softmax(y)`` (:func:`~gradkit.implicit.projection_simplex_kl`), i.e. the
     exponentiated-gradient step ``x ∝ x ⊙ exp(-η ∇f(x))``.  Solver signature
-    ``solver(init, θ_proj, *θ_f)`` (``θ_proj = None`` for the defaults).
+    ``solver(init, θ_proj, *θ_f, **kwargs)`` (``θ_proj = None`` for the defaults; keyword
+    arguments reach ``f``).
     """
     _check_fn("mirror_descent_fixed_point", "f", f, "f(x, *params) -> scalar")
     _check_step("mirror_descent_fixed_point", step)
@@ -191,7 +194,7 @@ def mirror_descent_fixed_point(
     _check_fn("mirror_descent_fixed_point", "mirror_grad", grad_phi, "mirror_grad(x)")
     _check_fn("mirror_descent_fixed_point", "dual_projection", project, "dual_projection(y, hyperparams)")
 
-    def fixed_point_fn(x: Tensor, proj_params: Any, *f_params: Any) -> Tensor:
-        return project(grad_phi(x) - step * torch.func.grad(f)(x, *f_params), proj_params)
+    def fixed_point_fn(x: Tensor, proj_params: Any, *f_params: Any, **f_kwargs: Any) -> Tensor:
+        return project(grad_phi(x) - step * torch.func.grad(f)(x, *f_params, **f_kwargs), proj_params)
 
     return fixed_point_fn

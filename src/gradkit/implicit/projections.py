@@ -51,6 +51,9 @@ def projection_box(x: Tensor, hyperparams: tuple[Any, Any]) -> Tensor:
     _check_tensor("projection_box", x)
     if not isinstance(hyperparams, (tuple, list)) or len(hyperparams) != 2:
         raise TypeError(f"projection_box: hyperparams must be a pair (lower, upper), got {hyperparams!r}")
+    if not any(isinstance(b, Tensor) for b in hyperparams) and not hyperparams[0] <= hyperparams[1]:
+        raise ValueError(f"projection_box: the box is empty, lower={hyperparams[0]!r} > upper={hyperparams[1]!r}; "
+                         "expected lower <= upper")
     lower, upper = (torch.as_tensor(b, dtype=x.dtype, device=x.device) for b in hyperparams)
     return torch.minimum(torch.maximum(x, lower), upper)
 

@@ -23,6 +23,13 @@ def _check(name: str, x: Any, scaling: Any) -> None:
         raise ValueError(f"{name}: scaling must be > 0, got {scaling!r}")
 
 
+def _check_penalty(name: str, arg: str, value: Any) -> None:
+    """A number penalty must be >= 0 (tensors are not read, so that the operators stay usable under
+    ``torch.func`` transforms)."""
+    if not isinstance(value, Tensor) and not value >= 0:
+        raise ValueError(f"{name}: {arg} must be >= 0, got {value!r}")
+
+
 def prox_lasso(x: Tensor, l1reg: float | Tensor, scaling: float | Tensor = 1.0) -> Tensor:
     """Soft-thresholding, the proximal operator of ``h(p) = l1reg ||p||₁``.
 
@@ -35,6 +42,7 @@ def prox_lasso(x: Tensor, l1reg: float | Tensor, scaling: float | Tensor = 1.0) 
     ``∂p/∂l1reg = -s · sign(x)`` on the support ``|x| > s · l1reg``, 0 elsewhere.
     """
     _check("prox_lasso", x, scaling)
+    _check_penalty("prox_lasso", "l1reg", l1reg)
     return torch.sign(x) * torch.relu(x.abs() - scaling * l1reg)
 
 
@@ -53,4 +61,6 @@ def prox_elastic_net(x: Tensor, hyperparams: tuple[Any, Any], scaling: float | T
     if not isinstance(hyperparams, (tuple, list)) or len(hyperparams) != 2:
         raise TypeError(f"prox_elastic_net: hyperparams must be a pair (l1reg, l2reg), got {hyperparams!r}")
     l1reg, l2reg = hyperparams
+    _check_penalty("prox_elastic_net", "l1reg", l1reg)
+    _check_penalty("prox_elastic_net", "l2reg", l2reg)
     return prox_lasso(x, l1reg, scaling) / (1 + scaling * l2reg)
