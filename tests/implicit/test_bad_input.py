@@ -116,8 +116,11 @@ def test_bad_options_and_arguments():
         custom_root(None)
     with pytest.raises(TypeError, match=r"M \(preconditioner\) must be a callable"):
         custom_root(OPT, M=torch.ones(3))
+    # grad_optimality(f) takes f's keywords (lam here); a condition that does not take lam refuses it
+    positional = lambda w, lam, /: OPT(w, lam)  # noqa: E731
     with pytest.raises(ValueError, match=r"keyword argument 'lam' is a tensor that requires grad"):
-        custom_root(OPT)(lambda init, *, lam: ridge_closed_form(lam))(None, lam=torch.tensor(1.0, dtype=F64, requires_grad=True))
+        custom_root(positional)(lambda init, *, lam: ridge_closed_form(lam))(
+            None, lam=torch.tensor(1.0, dtype=F64, requires_grad=True))
     # a singular system with solve="dense" names the fix
     w = custom_root(lambda w, l: torch.zeros_like(w) * l, solve="dense", check_optimality=False)(ridge_numpy_solver)(
         None, torch.tensor(1.0, dtype=F64, requires_grad=True))

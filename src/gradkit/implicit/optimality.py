@@ -12,6 +12,7 @@ calls, so every condition composes with ``torch.func`` transforms.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from gradkit.implicit.decorators import _keyword_names
 from gradkit.implicit.projections import projection_simplex_kl
 
 __all__ = [
@@ -44,6 +46,22 @@ def _check_step(where: str, step: Any) -> None:
         raise ValueError(f"{where}: step must be > 0, got {step!r}")
 
 
+def _taking_keywords_of(f: Objective, fn: Callable[..., Any], leading: tuple[str, ...]) -> Callable[..., Any]:
+    """``fn(x, *leading, *params, **kwargs)`` with a signature that names the keywords ``f`` takes
+    after ``x``: :func:`~gradkit.implicit.custom_root` then passes it (and differentiates) exactly
+    those of the solver's keyword arguments; the others (iterations, tolerances) configure the
+    solver only."""
+    names = _keyword_names(f)
+    P = inspect.Parameter
+    parameters = [P(name, P.POSITIONAL_ONLY) for name in ("x", *leading)] + [P("params", P.VAR_POSITIONAL)]
+    if names is None:
+        parameters.append(P("kwargs", P.VAR_KEYWORD))
+    else:
+        parameters += [P(name, P.KEYWORD_ONLY, default=None) for name in sorted(names)]
+    fn.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    return fn
+
+
 def _gradient_step(f: Objective, x: Any, f_params: tuple[Any, ...], step: Any, kwargs: dict[str, Any]) -> Any:
     """``x - step · ∇ₓ f(x, *f_params, **kwargs)`` on a tensor or a tuple/dict of tensors."""
     g = torch.func.grad(f)(x, *f_params, **kwargs)
@@ -64,7 +82,7 @@ def grad_optimality(f: Objective) -> Callable[..., Any]:
     def optimality_fn(x: Any, *params: Any, **kwargs: Any) -> Any:
         return torch.func.grad(f)(x, *params, **kwargs)
 
-    return optimality_fn
+    return _taking_keywords_of(f, optimality_fn, ())
 
 
 def prox_grad_fixed_point(
@@ -89,7 +107,7 @@ def prox_grad_fixed_point(
     def fixed_point_fn(x: Any, prox_params: Any, *f_params: Any, **f_kwargs: Any) -> Any:
         return prox(_gradient_step(f, x, f_params, step, f_kwargs), prox_params, step)
 
-    return fixed_point_fn
+    return _taking_keywords_of(f, fixed_point_fn, ("prox_params",))
 
 
 def projected_gradient_fixed_point(
@@ -197,4 +215,4 @@ def mirror_descent_fixed_point(
     def fixed_point_fn(x: Tensor, proj_params: Any, *f_params: Any, **f_kwargs: Any) -> Tensor:
         return project(grad_phi(x) - step * torch.func.grad(f)(x, *f_params, **f_kwargs), proj_params)
 
-    return fixed_point_fn
+    return _taking_keywords_of(f, fixed_point_fn, ("proj_params",))
