@@ -244,6 +244,39 @@ def test_train_mode_batchnorm_refused_in_per_sample_grads():
         per_sample_grads(model, nn.CrossEntropyLoss(), inputs_for(model, 3), torch.tensor([0, 1, 2]))
 
 
+def test_batchnorm_without_running_statistics_refused_in_eval_mode_too():
+    """track_running_stats=False normalises with batch statistics in eval mode as well: the
+    Hessian of one batch of 8 would differ from two batches of 4, so it is refused like train mode."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2)).to(DTYPE).eval()
+    x, y = torch.randn(8, 3, dtype=DTYPE), torch.tensor([0, 1] * 4)
+    with pytest.raises(ValueError, match=r"no running statistics \(batch statistics in eval mode too\): 1 \(BatchNorm1d\)"):
+        per_sample_grads(model, nn.CrossEntropyLoss(), x, y)
+    model[1].track_running_stats = True  # with running statistics (and in eval mode) it is accepted
+    model[1].register_buffer("running_mean", torch.zeros(4, dtype=DTYPE))
+    model[1].register_buffer("running_var", torch.ones(4, dtype=DTYPE))
+    per_sample_grads(model, nn.CrossEntropyLoss(), x, y)
+
+
+def test_per_sample_grads_of_weighted_or_ignoring_mean_cross_entropy_refused():
+    """A class weight or an ignored target makes the mean a weighted average no batch of one
+    reproduces: refused, pointing to reduction='sum', whose per-example gradients sum to the batch
+    gradient (an ignored example's is 0)."""
+    model = mlp().to(DTYPE)
+    x, y = inputs_for(model, 5), torch.tensor([0, 1, 2, 1, 0])
+    for loss_fn in (nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=DTYPE)),
+                    nn.CrossEntropyLoss(ignore_index=2), nn.NLLLoss(ignore_index=2)):
+        with pytest.raises(ValueError, match=r"reduction='mean'.*use reduction='sum'"):
+            per_sample_grads(model, loss_fn, x, y)
+    for kwargs in (dict(weight=torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=DTYPE)), dict(ignore_index=2)):
+        loss_fn = nn.CrossEntropyLoss(reduction="sum", **kwargs)
+        grads = per_sample_grads(model, loss_fn, x, y)
+        batch = torch.autograd.grad(loss_fn(model(x), y), list(model.parameters()))
+        for g, b in zip(grads.values(), batch):
+            torch.testing.assert_close(g.sum(0), b, rtol=1e-12, atol=1e-14)
+        if "ignore_index" in kwargs:
+            assert all(float(g[2].abs().max()) == 0.0 for g in grads.values())
+
+
 def test_flatten_unflatten_round_trip():
     like = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
     vec = torch.arange(10.0)

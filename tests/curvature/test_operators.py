@@ -213,3 +213,38 @@ def test_lanczos_on_model_hessian_matches_eigvalsh(which):
     expected = dense.flip(0)[:5] if which == "largest" else torch.cat([dense.flip(0)[:2], dense[:2].flip(0)])
     torch.testing.assert_close(values, expected, rtol=1e-8, atol=1e-12)
     torch.testing.assert_close(op @ vectors, vectors * values, rtol=1e-6, atol=1e-8)
+
+
+# ------------------------------------------------------- cross-entropy with ignored targets / class weights
+@pytest.mark.parametrize("kwargs", [dict(ignore_index=2), dict(weight=torch.tensor([1.0, 2.0, 5.0, 0.5], dtype=DTYPE)),
+                                    dict(ignore_index=2, weight=torch.tensor([1.0, 2.0, 5.0, 0.5], dtype=DTYPE))],
+                         ids=["ignore_index", "weight", "both"])
+def test_ef_and_mc_fisher_with_ignored_targets_and_class_weights(kwargs):
+    """torch's mean cross-entropy divides by Σ_t w_{y_t} over the terms not ignored: the EF is
+    that c times Σ_n g_n g_nᵀ with g_n the example's summed (weighted) loss gradient, ignored
+    examples contributing nothing; the MC Fisher stays unbiased for the GGN (ignored terms drawn
+    as 0).  (Both used c = 1/#terms and every term: the EF was off by 6/5 with one ignored target.)"""
+    from gradkit.core.losses import output_grads, reduction_factor, sample_output_grads
+
+    model, X, _ = _problem("mlp", nn.CrossEntropyLoss(), n=6)
+    y = torch.tensor([0, 2, 1, 2, 3, 1])
+    loss_fn = nn.CrossEntropyLoss(**kwargs)
+    w = kwargs.get("weight", torch.ones(4, dtype=DTYPE))
+    valid = y != kwargs.get("ignore_index", -100)
+    c = 1.0 / float(w[y[valid]].sum())
+    out = model(X).detach()
+    assert reduction_factor(loss_fn, out, y) == pytest.approx(c, rel=1e-15)
+    summed = nn.CrossEntropyLoss(reduction="sum", **kwargs)
+    params = list(model.parameters())
+    G = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(summed(model(X[n:n + 1]), y[n:n + 1]), params)])
+                     for n in range(6)])
+    torch.testing.assert_close(EFOperator(model, loss_fn, (X, y)).to_dense(), c * G.T @ G, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(c * output_grads(loss_fn, out, y).sum(0),
+                               torch.autograd.grad(loss_fn(out.requires_grad_(), y), out)[0].sum(0), rtol=1e-12, atol=1e-14)
+    if "weight" in kwargs:  # a weighted likelihood has no sampler: refused, as before
+        return
+    s = sample_output_grads(loss_fn, out, 5, torch.Generator().manual_seed(0), y)
+    assert torch.equal(s[:, ~valid], torch.zeros_like(s[:, ~valid])) and s[:, valid].abs().sum() > 0
+    ggn = dense_ggn(model, loss_fn, X, y)
+    fisher = MCFisherOperator(model, loss_fn, (X, y), mc_samples=3000, seed=1).to_dense()
+    assert torch.linalg.norm(fisher - ggn) / torch.linalg.norm(ggn) < 0.08

@@ -123,18 +123,26 @@ def check_train_mode(model: nn.Module, what: str = "curvature products") -> None
 
     Train-mode BatchNorm normalises with the statistics of the current batch, so the loss of one
     example depends on the others and the "Hessian" changes with the batching; Dropout draws a
-    new mask at every call, so repeated products are not with the same matrix.
+    new mask at every call, so repeated products are not with the same matrix.  A BatchNorm
+    without running statistics (``track_running_stats=False``) uses batch statistics in eval mode
+    too, and is refused in either mode.
     """
-    offenders = [
-        f"{name or type(model).__name__} ({type(m).__name__})"
-        for name, m in model.named_modules()
-        if isinstance(m, _STOCHASTIC_IN_TRAIN) and m.training
-    ]
-    if offenders:
+    def names(modules: list[tuple[str, nn.Module]]) -> str:
+        shown = [f"{name or type(model).__name__} ({type(m).__name__})" for name, m in modules[:5]]
+        return ", ".join(shown) + (" ..." if len(modules) > 5 else "")
+
+    stochastic = [(name, m) for name, m in model.named_modules() if isinstance(m, _STOCHASTIC_IN_TRAIN)]
+    training = [(name, m) for name, m in stochastic if m.training]
+    no_stats = [(name, m) for name, m in stochastic if not m.training
+                and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None]
+    if training or no_stats:
+        problems = ([f"these layers are in training mode: {names(training)}"] if training else []) + (
+            [f"these BatchNorm layers have no running statistics (batch statistics in eval mode too): "
+             f"{names(no_stats)}"] if no_stats else [])
         raise ValueError(
-            f"{what} need the model in eval mode, but these layers are in training mode: "
-            f"{', '.join(offenders[:5])}{' ...' if len(offenders) > 5 else ''}. Call model.eval() "
-            "first, or pass allow_train_mode=True if you really want batch statistics / random masks."
+            f"{what} need the model in eval mode, but {'; '.join(problems)}. Call model.eval() first (a "
+            "BatchNorm with track_running_stats=True), or pass allow_train_mode=True if you really want batch "
+            "statistics / random masks."
         )
 
 

@@ -46,13 +46,29 @@ def _is_ce(loss_fn: nn.Module) -> bool:
     return isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss))
 
 
-def reduction_factor(loss_fn: nn.Module, outputs: Tensor) -> float:
-    """``c`` such that the batch loss is ``c · Σ_t ℓ_t`` (see the module docstring)."""
+def reduction_factor(loss_fn: nn.Module, outputs: Tensor, targets: Tensor | None = None) -> float:
+    """``c`` such that the batch loss is ``c · Σ_t ℓ_t`` (see the module docstring).
+
+    For cross-entropy / NLL with ``reduction="mean"`` and class-index ``targets``, torch averages
+    over the terms whose target is not ``ignore_index``, weighted by the class ``weight``:
+    ``c = 1 / Σ_t w_{y_t}`` over those terms (``ℓ_t`` then the term of ``reduction="sum"``, weight
+    included, 0 for an ignored target).  Without ``targets``: ``1 / #terms`` (no weight, nothing
+    ignored)."""
     if _reduction(loss_fn) == "sum":
         return 1.0
-    if _is_ce(loss_fn):
+    if not _is_ce(loss_fn):
+        return 1.0 / outputs.numel()
+    if targets is None or targets.is_floating_point():  # class probabilities: every term counts once
         return 1.0 / (outputs.numel() // outputs.shape[1])
-    return 1.0 / outputs.numel()
+    valid = targets != loss_fn.ignore_index
+    if loss_fn.weight is None:
+        total = float(valid.sum())
+    else:
+        total = float(loss_fn.weight.to(outputs.device)[targets[valid]].sum())
+    if total <= 0:
+        raise ValueError(f"every target is ignore_index={loss_fn.ignore_index} (or has class weight 0): the mean "
+                         f"loss {type(loss_fn).__name__} takes is 0/0")
+    return 1.0 / total
 
 
 def has_closed_form(loss_fn: nn.Module) -> bool:
@@ -106,16 +122,17 @@ def _autograd_output_hvp(loss_fn: nn.Module, f: Tensor, targets: Tensor, U: Tens
 
 
 def output_grads(loss_fn: nn.Module, outputs: Tensor, targets: Tensor) -> Tensor:
-    """``∇_f ℓ_t`` for every loss term: the gradient of the batch loss divided by ``c``."""
+    """``∇_f ℓ_t`` for every loss term: the gradient of the batch loss divided by ``c``
+    (:func:`reduction_factor` of these targets: 0 for an ignored term, the class weight included)."""
     _reduction(loss_fn)
     f = outputs.detach().requires_grad_(True)
     with torch.enable_grad():
         (g,) = torch.autograd.grad(loss_fn(f, targets), f)
-    return g / reduction_factor(loss_fn, outputs)
+    return g / reduction_factor(loss_fn, outputs, targets)
 
 
 def sample_output_grads(
-    loss_fn: nn.Module, outputs: Tensor, mc_samples: int, generator: torch.Generator
+    loss_fn: nn.Module, outputs: Tensor, mc_samples: int, generator: torch.Generator, targets: Tensor | None = None
 ) -> Tensor:
     """Gradients ``∇_f ℓ(f, ŷ)`` with ``ŷ`` drawn from the model's predictive distribution.
 
@@ -126,7 +143,9 @@ def sample_output_grads(
     * cross-entropy: ``ŷ ~ Categorical(softmax f)``, ``s = p − onehot(ŷ)``;
     * BCE with logits: ``ŷ ~ Bernoulli(σ(f))``, ``s = σ(f) − ŷ``.
 
-    Returns a tensor of shape ``(mc_samples, *outputs.shape)``.
+    Returns a tensor of shape ``(mc_samples, *outputs.shape)``.  Given the true class-index
+    ``targets`` of cross-entropy, the terms whose target is ``ignore_index`` are 0 (they are not
+    in the loss; with :func:`reduction_factor` of the same targets the estimate stays unbiased).
     """
     f = outputs.detach()
     shape = (mc_samples, *f.shape)
@@ -143,6 +162,8 @@ def sample_output_grads(
         draws = torch.multinomial(flat, mc_samples, replacement=True, generator=generator)  # (T, M)
         onehot = torch.nn.functional.one_hot(draws.T, C).to(p.dtype)  # (M, T, C)
         s = p.reshape(1, -1, C) - onehot
+        if targets is not None and not targets.is_floating_point():
+            s = s * (targets != loss_fn.ignore_index).reshape(1, -1, 1).to(s.dtype)
         s = s.reshape(mc_samples, *p.shape)
         return s.movedim(-1, 2) if f.ndim > 2 else s
     raise NotImplementedError(

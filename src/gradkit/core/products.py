@@ -181,7 +181,10 @@ def per_sample_grads(
 
     Example ``n``'s gradient is that of ``loss_fn(model(x_n), y_n)`` on a batch of one (same
     reduction), so with ``reduction="mean"`` the batch gradient is their mean and with
-    ``"sum"`` their sum.
+    ``"sum"`` their sum.  Cross-entropy / NLL with ``reduction="mean"`` and a class ``weight`` or
+    an ignored target (``ignore_index``) is refused: the batch loss is then a weighted average
+    that no batch of one reproduces (a weight cancels, an ignored example is 0/0); with
+    ``reduction="sum"`` the per-example gradients sum to the batch gradient.
 
     Returns:
         dict from parameter name to a tensor of shape ``(B, *param.shape)``.
@@ -193,6 +196,15 @@ def per_sample_grads(
         raise ValueError(
             f"inputs and targets disagree on the batch size: {inputs.shape[0]} vs {targets.shape[0]}"
         )
+
+    if (isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and loss_fn.reduction == "mean"
+            and not targets.is_floating_point()
+            and (loss_fn.weight is not None or bool((targets == loss_fn.ignore_index).any()))):
+        raise ValueError(
+            f"per_sample_grads: {type(loss_fn).__name__}(reduction='mean') with "
+            f"{'a class weight' if loss_fn.weight is not None else f'targets equal to ignore_index={loss_fn.ignore_index}'}"
+            " averages with weights no batch of one reproduces; use reduction='sum' (the per-example gradients "
+            "then sum to the batch gradient)")
 
     def loss_one(values: tuple[Tensor, ...], x: Tensor, y: Tensor) -> Tensor:
         return loss_fn(fm(values, x.unsqueeze(0)), y.unsqueeze(0))

@@ -247,13 +247,13 @@ def _output_factors(op: CurvatureOperator, index: int, out: Tensor, targets: Ten
       drawn from the generator the operator seeds for batch ``index``, so the draws are its own.
     """
     loss_fn, B = op.loss_fn, out.shape[0]
-    c = reduction_factor(loss_fn, out)
+    c = reduction_factor(loss_fn, out, targets)
     if isinstance(op, EFOperator):
         S = output_grads(loss_fn, out, targets).unsqueeze(0)
         return S, torch.full((1, B), c, dtype=out.dtype, device=out.device)
     if isinstance(op, MCFisherOperator):
         generator = mc_generator(op.seed, index, op.device)  # the operator's own draws
-        S = sample_output_grads(loss_fn, out, op.mc_samples, generator)
+        S = sample_output_grads(loss_fn, out, op.mc_samples, generator, targets)
         lam = c / op.mc_samples
         return S, torch.full((op.mc_samples, B), lam, dtype=out.dtype, device=out.device)
     K = out[0].numel()

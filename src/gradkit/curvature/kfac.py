@@ -164,12 +164,12 @@ class KFACOperator(CurvatureOperator):
                 raise ValueError(
                     f"targets contain ignore_index={loss_fn.ignore_index}; K-FAC assumes every loss term counts"
                 )
-        c = reduction_factor(loss_fn, out)
+        c = reduction_factor(loss_fn, out, targets)
         if self.fisher_type == "type2":
             return hessian_sqrt_columns(loss_fn, out), c
         if self.fisher_type == "mc":
             generator = mc_generator(self.seed, index, self.device)
-            return sample_output_grads(loss_fn, out, self.mc_samples, generator), c / self.mc_samples
+            return sample_output_grads(loss_fn, out, self.mc_samples, generator, targets), c / self.mc_samples
         return output_grads(loss_fn, out, targets).unsqueeze(0), c
 
     def _passes(self) -> Iterator[tuple[LayerTap, Iterator[dict[str, Tensor]], float]]:

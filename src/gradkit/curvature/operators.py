@@ -304,7 +304,7 @@ class EFOperator(CurvatureOperator):
     def _batch_product(self, index: int, inputs: Any, targets: Tensor) -> Callable:
         out, jvp, vjp = self._output_products(inputs)
         S = output_grads(self.loss_fn, out, targets).unsqueeze(0)
-        c = reduction_factor(self.loss_fn, out)
+        c = reduction_factor(self.loss_fn, out, targets)
         return lambda vs: vjp(_outer_product_in_output_space(S, jvp(vs), c))
 
 
@@ -333,6 +333,6 @@ class MCFisherOperator(CurvatureOperator):
     def _batch_product(self, index: int, inputs: Any, targets: Tensor) -> Callable:
         out, jvp, vjp = self._output_products(inputs)
         generator = mc_generator(self.seed, index, self.device)
-        S = sample_output_grads(self.loss_fn, out, self.mc_samples, generator)
-        c = reduction_factor(self.loss_fn, out) / self.mc_samples
+        S = sample_output_grads(self.loss_fn, out, self.mc_samples, generator, targets)
+        c = reduction_factor(self.loss_fn, out, targets) / self.mc_samples
         return lambda vs: vjp(_outer_product_in_output_space(S, jvp(vs), c))
