@@ -90,6 +90,24 @@ def test_repeated_eigenvalues_of_a_low_rank_operator():
     torch.testing.assert_close(V.T @ V, torch.eye(7, dtype=DT), atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("spectrum, k, which", [
+    ([10.0, 10.0] + [1.0] * 98, 2, "largest"),  # invariant at m = k: the restart block holds the second 10
+    ([3.0, 3, 2, 2, 2, 1, 1, 1, 1, 1] + [0.0] * 90, 3, "largest"),  # invariant after 4 steps, k = 3
+    ([3.0, 3, 2, 2, 2, 1, 1, 1, 1, 1] + [0.0] * 90, 5, "largest"),
+    ([-4.0, -4.0, -4.0] + [2.0] * 57, 3, "smallest"),
+])
+def test_repeated_eigenvalues_when_the_space_turns_invariant_at_or_after_k(spectrum, k, which):
+    """The run used to stop at the step that found the space invariant once m >= k (every Ritz
+    residual read 0), before the restart block was explored: a repeated wanted eigenvalue was
+    replaced by a smaller one, silently."""
+    ev = torch.tensor(spectrum, dtype=DT)
+    A = with_spectrum(ev, seed=3)
+    evals, V = lanczos(A, k=k, which=which)
+    exact = ev.sort(descending=True).values[:k] if which == "largest" else ev.sort().values[:k]
+    torch.testing.assert_close(evals, exact, rtol=0, atol=1e-10)
+    assert float((A @ V - V * evals).norm(dim=0).max()) <= 1e-9
+
+
 def test_identity_invariant_subspace_each_step():
     op, count = _counting(torch.eye(60, dtype=DT))
     evals, V = lanczos(op, k=5, which="both")

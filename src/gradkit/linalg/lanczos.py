@@ -104,6 +104,10 @@ def lanczos(
     If :math:`\beta_j \approx 0` (the Krylov space is invariant: low-rank operators, the
     identity, ...) the run continues from a new seeded random vector orthogonal to the basis,
     with :math:`T` block-diagonal; that is how repeated eigenvalues of such operators are found.
+    A block grown from a random vector reaches every distinct eigenvalue left in its space, so
+    its extreme Ritz values bound the rest: the run stops at an invariant block only if its
+    extreme eigenvalues do not go past the k-th wanted ones, and after a restart it also waits
+    for the current block's extreme Ritz pairs to meet the test below.
     Note that, as for every single-vector Krylov method (ARPACK included), an eigenvalue of
     multiplicity ``r > 1`` whose eigenspace the Krylov space does not exhaust is found **once**;
     close but distinct eigenvalues (clusters) are resolved.
@@ -172,8 +176,41 @@ def lanczos(
     # float64: it is small, and its eigendecomposition should not add float32 error.
     H = torch.zeros(m_max + 1, m_max + 1, dtype=torch.float64)
     m, exhausted, converged = 0, False, False
-    theta = S = res = thresh = torch.empty(0)
+    block = 0  # first column of the current Lanczos block (a restart opens a new one)
+    theta = S = res = thresh = idx = torch.empty(0)
     bar = tqdm(total=m_max, desc="lanczos", disable=not progress, leave=False)
+
+    def ritz(invariant: bool) -> bool:
+        """Ritz pairs of T_m (wanted ones in ``idx``) and whether the run has converged: every
+        wanted pair meets the test, and so do the extreme pairs of the current block, which bound
+        what the rest of the space holds (a block grown from a random vector reaches every
+        distinct eigenvalue left).  An invariant block (exact pairs) whose extreme value goes past
+        the k-th wanted one leaves the rest of the space open (a repeated eigenvalue): go on."""
+        nonlocal theta, S, idx, res, thresh
+        T = H[:m, :m]
+        theta, S = torch.linalg.eigh((T + T.T) / 2)
+        idx = torch.tensor(list(range(m - n_top, m))[::-1] + list(range(n_bottom))[::-1])
+        beta_m = 0.0 if invariant else float(H[m, m - 1])
+        res = (beta_m * S[m - 1, idx]).abs()
+        floor = 100.0 * eps * float(theta.abs().max())
+        thresh = torch.clamp(tol * theta[idx].abs(), min=floor)
+        logger.debug("lanczos: step %d, worst residual/threshold %.3g", m, float((res / thresh.clamp_min(1e-300)).max()))
+        if not bool((res <= thresh).all()):
+            return False
+        if block == 0 and not invariant:
+            return True  # the block's extreme pairs are wanted ones
+        Tb = H[block:m, block:m]
+        theta_b, S_b = torch.linalg.eigh((Tb + Tb.T) / 2)
+        ends = ([(theta_b.numel() - 1, theta[idx[n_top - 1]], 1.0)] if n_top else []) + (
+            [(0, theta[idx[n_top]], -1.0)] if n_bottom else [])  # the k-th value from each end
+        for i, kth, side in ends:
+            if invariant:  # exact, and it bounds the rest of the space: done unless it goes past the k-th value
+                if side * float(theta_b[i]) > side * float(kth):
+                    return False
+            elif abs(beta_m * float(S_b[-1, i])) > max(tol * abs(float(theta_b[i])), floor):
+                return False
+        return True
+
     try:
         for j in range(m_max):
             av = apply(op, Q[:, j : j + 1])[:, 0]
@@ -188,7 +225,11 @@ def lanczos(
             if m == n:
                 exhausted = True
             elif dependent:
-                # Invariant subspace: continue from a random vector orthogonal to the basis.
+                # Invariant subspace: done if it shows the rest of the space holds nothing wanted,
+                # else continue from a random vector orthogonal to the basis (a new block).
+                if m >= k and ritz(invariant=True):
+                    converged = True
+                    break
                 r = torch.randn(n, generator=gen, dtype=dtype, device=device)
                 r, _, r_dependent = _orthogonalise(r, Q[:, :m], float(r.norm()))
                 logger.debug("lanczos: invariant subspace after %d steps, restarting", m)
@@ -196,19 +237,16 @@ def lanczos(
                     exhausted = True
                 else:
                     Q = _store(Q, m, r / r.norm())
+                    block = m
+                    if m == m_max:
+                        ritz(invariant=True)
+                    continue
             else:
                 H[m, j] = beta
                 Q = _store(Q, m, w / beta)
             interval = min(5, max(1, m // 10))
             if m >= k and (m % interval == 0 or m == m_max or exhausted):
-                T = H[:m, :m]
-                theta, S = torch.linalg.eigh((T + T.T) / 2)
-                idx = torch.tensor(list(range(m - n_top, m))[::-1] + list(range(n_bottom))[::-1])
-                res = (H[m, m - 1] * S[m - 1, idx]).abs()
-                floor = 100.0 * eps * float(theta.abs().max())
-                thresh = torch.clamp(tol * theta[idx].abs(), min=floor)
-                converged = bool((res <= thresh).all())
-                logger.debug("lanczos: step %d, worst residual/threshold %.3g", m, float((res / thresh.clamp_min(1e-300)).max()))
+                converged = ritz(invariant=exhausted)
             if converged or exhausted:
                 break
     finally:
