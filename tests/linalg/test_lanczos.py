@@ -108,6 +108,22 @@ def test_repeated_eigenvalues_when_the_space_turns_invariant_at_or_after_k(spect
     assert float((A @ V - V * evals).norm(dim=0).max()) <= 1e-9
 
 
+def test_null_space_blocks_a_given_start_and_a_restart_at_maxiter():
+    """A block inside the null space is invariant (dependence is judged against the largest
+    ||A q|| so far, not this step's ~0); an invariant first block grown from a given v0 proves
+    nothing about the rest; a restart due at maxiter ends with a warning that says so."""
+    A = with_spectrum(torch.cat([torch.tensor([5.0, 3.0, 3.0], dtype=DT), torch.zeros(57, dtype=DT)]), seed=0)
+    torch.testing.assert_close(lanczos(A, k=5, which="smallest")[0], torch.zeros(5, dtype=DT), rtol=0, atol=1e-10)
+    torch.testing.assert_close(lanczos(-A, k=5, which="largest")[0], torch.zeros(5, dtype=DT), rtol=0, atol=1e-10)
+    D = torch.diag(torch.arange(10, 0, -1, dtype=DT))
+    e = torch.zeros(10, dtype=DT)
+    e[-1] = 1.0  # an eigenvector: its block is invariant after one step
+    torch.testing.assert_close(lanczos(D, k=1, v0=e)[0], torch.tensor([10.0], dtype=DT), rtol=0, atol=1e-10)
+    d = torch.tensor([10.0, 10.0] + [1.0] * 8, dtype=DT)
+    with pytest.warns(RuntimeWarning, match="turned invariant at step 2, with the rest of the space unexplored"):
+        lanczos(torch.diag(d), k=2, maxiter=2)
+
+
 def test_identity_invariant_subspace_each_step():
     op, count = _counting(torch.eye(60, dtype=DT))
     evals, V = lanczos(op, k=5, which="both")

@@ -177,6 +177,8 @@ def lanczos(
     H = torch.zeros(m_max + 1, m_max + 1, dtype=torch.float64)
     m, exhausted, converged = 0, False, False
     block = 0  # first column of the current Lanczos block (a restart opens a new one)
+    scale = 0.0  # the largest ||A q|| so far: the rounding level of the products (a null-space q has ~0)
+    user_start = v0 is not None  # a given start need not reach every distinct eigenvalue
     theta = S = res = thresh = idx = torch.empty(0)
     bar = tqdm(total=m_max, desc="lanczos", disable=not progress, leave=False)
 
@@ -203,9 +205,11 @@ def lanczos(
         theta_b, S_b = torch.linalg.eigh((Tb + Tb.T) / 2)
         ends = ([(theta_b.numel() - 1, theta[idx[n_top - 1]], 1.0)] if n_top else []) + (
             [(0, theta[idx[n_top]], -1.0)] if n_bottom else [])  # the k-th value from each end
+        if invariant and block == 0 and user_start:
+            return False
         for i, kth, side in ends:
             if invariant:  # exact, and it bounds the rest of the space: done unless it goes past the k-th value
-                if side * float(theta_b[i]) > side * float(kth):
+                if side * float(theta_b[i]) > side * float(kth) + floor:
                     return False
             elif abs(beta_m * float(S_b[-1, i])) > max(tol * abs(float(theta_b[i])), floor):
                 return False
@@ -215,7 +219,8 @@ def lanczos(
         for j in range(m_max):
             av = apply(op, Q[:, j : j + 1])[:, 0]
             norm_av = float(av.norm())
-            w, h, dependent = _orthogonalise(av, Q[:, : j + 1], norm_av)
+            scale = max(scale, norm_av)
+            w, h, dependent = _orthogonalise(av, Q[:, : j + 1], scale)
             beta = float(w.norm())
             if not (math.isfinite(beta) and math.isfinite(norm_av)):
                 raise ValueError(f"A returned non-finite values (nan or inf) at Lanczos step {j + 1}")
@@ -238,8 +243,6 @@ def lanczos(
                 else:
                     Q = _store(Q, m, r / r.norm())
                     block = m
-                    if m == m_max:
-                        ritz(invariant=True)
                     continue
             else:
                 H[m, j] = beta
@@ -254,12 +257,11 @@ def lanczos(
 
     if not (converged or exhausted):
         rel = float((res / theta[idx].abs().clamp_min(1e-300)).max())
-        warnings.warn(
-            f"lanczos did not converge in maxiter={m_max} steps: worst residual |beta_m s_mi| = "
-            f"{float(res.max()):.3g} (relative {rel:.3g}, tol={tol:g}); increase maxiter or tol",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        detail = (f"the Krylov space turned invariant at step {m}, with the rest of the space unexplored"
+                  if block == m else f"worst residual |beta_m s_mi| = {float(res.max()):.3g} (relative {rel:.3g}, "
+                  f"tol={tol:g})")
+        warnings.warn(f"lanczos did not converge in maxiter={m_max} steps: {detail}; increase maxiter or tol",
+                      RuntimeWarning, stacklevel=2)
     vecs = Q[:, :m] @ S[:, idx].to(dtype=dtype, device=device)
     return theta[idx].to(dtype=dtype, device=device), vecs
 
