@@ -204,3 +204,18 @@ def test_keyword_arguments_reach_f_and_are_differentiated():
     got = torch.autograd.grad(fixed(None, 0.0, lam, mu=mu).square().sum(), (lam, mu))
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_conditions_accept_objectives_whose_parameters_are_named_x_or_params():
+    """The conditions' signatures name only f's keywords: f(theta, x) and f(x, params) are fine."""
+    def f(theta, x):
+        return 0.5 * ((theta - 2 * x) ** 2).sum()
+
+    x = torch.tensor([1.0, -2.0], dtype=F64, requires_grad=True)
+    for condition in (grad_optimality(f), prox_grad_fixed_point(f, prox_lasso, 0.5)):
+        solver = (custom_root if condition.__name__ == "optimality_fn" else custom_fixed_point)(condition)
+        args = (x,) if condition.__name__ == "optimality_fn" else (0.0, x)
+        theta = solver(lambda init, *a: 2 * a[-1].detach())(None, *args)
+        (grad,) = torch.autograd.grad(theta.sum(), x)
+        torch.testing.assert_close(grad, torch.full((2,), 2.0, dtype=F64), rtol=1e-12, atol=1e-12)
+    grad_optimality(lambda x, params: (x**2).sum() * params)  # constructs

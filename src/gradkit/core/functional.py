@@ -119,7 +119,7 @@ _STOCHASTIC_IN_TRAIN = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._Dro
 
 
 def check_train_mode(model: nn.Module, what: str = "curvature products") -> None:
-    """Refuse a model with BatchNorm or Dropout layers in training mode.
+    """Refuse a model with BatchNorm or Dropout layers in training mode, or BatchNorm without running statistics.
 
     Train-mode BatchNorm normalises with the statistics of the current batch, so the loss of one
     example depends on the others and the "Hessian" changes with the batching; Dropout draws a

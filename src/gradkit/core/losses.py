@@ -5,7 +5,9 @@ Notation.  A batch loss with ``reduction="mean"`` or ``"sum"`` is written
 ``L = c · Σ_t ℓ_t(f_t, y_t)`` over *loss terms* ``t`` (one per example for a ``(B, C)`` output;
 one per example and position for cross-entropy on ``(B, C, d1, ...)``), where ``ℓ_t`` is the
 summed (``reduction="sum"``) loss of the term and ``c`` the **reduction factor**: ``1`` for sum,
-``1 / #terms`` for cross-entropy and ``1 / numel(f)`` for MSE and BCE with mean reduction.
+``1 / Σ_t w_{y_t}`` for cross-entropy with mean reduction (over the terms whose target is not
+``ignore_index``; ``w = 1`` without a class weight, so ``1 / #terms``) and ``1 / numel(f)`` for
+MSE and BCE with mean reduction.
 
 Closed forms (per loss term, Schraudolph 2002; Martens 2020, arXiv:1412.1193, sec. 9):
 
@@ -64,7 +66,7 @@ def reduction_factor(loss_fn: nn.Module, outputs: Tensor, targets: Tensor | None
     if loss_fn.weight is None:
         total = float(valid.sum())
     else:
-        total = float(loss_fn.weight.to(outputs.device)[targets[valid]].sum())
+        total = float(loss_fn.weight.to(outputs.device)[targets[valid]].sum(dtype=torch.float64))  # no fp16 overflow
     if total <= 0:
         raise ValueError(f"every target is ignore_index={loss_fn.ignore_index} (or has class weight 0): the mean "
                          f"loss {type(loss_fn).__name__} takes is 0/0")

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from gradkit.core.functional import FunctionalModel, Params, check_like
-from gradkit.core.losses import output_hessian_vp
+from gradkit.core.losses import _is_ce, output_hessian_vp
 
 logger = logging.getLogger("gradkit")
 
@@ -197,7 +197,7 @@ def per_sample_grads(
             f"inputs and targets disagree on the batch size: {inputs.shape[0]} vs {targets.shape[0]}"
         )
 
-    if (isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and loss_fn.reduction == "mean"
+    if (_is_ce(loss_fn) and loss_fn.reduction == "mean"
             and not targets.is_floating_point()
             and (loss_fn.weight is not None or bool((targets == loss_fn.ignore_index).any()))):
         raise ValueError(

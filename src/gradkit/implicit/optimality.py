@@ -46,16 +46,17 @@ def _check_step(where: str, step: Any) -> None:
         raise ValueError(f"{where}: step must be > 0, got {step!r}")
 
 
-def _taking_keywords_of(f: Objective, fn: Callable[..., Any], leading: tuple[str, ...]) -> Callable[..., Any]:
-    """``fn(x, *leading, *params, **kwargs)`` with a signature that names the keywords ``f`` takes
-    after ``x``: :func:`~gradkit.implicit.custom_root` then passes it (and differentiates) exactly
-    those of the solver's keyword arguments; the others (iterations, tolerances) configure the
-    solver only."""
+def _taking_keywords_of(f: Objective, fn: Callable[..., Any], leading: int) -> Callable[..., Any]:
+    """``fn(x, <leading more positional arguments>, *params, **kwargs)`` with a signature that
+    names the keywords ``f`` takes after ``x``: :func:`~gradkit.implicit.custom_root` then passes
+    it (and differentiates) exactly those of the solver's keyword arguments; the others
+    (iterations, tolerances) configure the solver only."""
     names = _keyword_names(f)
     P = inspect.Parameter
-    parameters = [P(name, P.POSITIONAL_ONLY) for name in ("x", *leading)] + [P("params", P.VAR_POSITIONAL)]
+    # positional placeholders under names no f can use as a keyword (f(theta, x) and f(x, params) are common)
+    parameters = [P(f"_{i}_", P.POSITIONAL_ONLY) for i in range(1 + leading)] + [P("_args_", P.VAR_POSITIONAL)]
     if names is None:
-        parameters.append(P("kwargs", P.VAR_KEYWORD))
+        parameters.append(P("_kwargs_", P.VAR_KEYWORD))
     else:
         parameters += [P(name, P.KEYWORD_ONLY, default=None) for name in sorted(names)]
     fn.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
@@ -82,7 +83,7 @@ def grad_optimality(f: Objective) -> Callable[..., Any]:
     def optimality_fn(x: Any, *params: Any, **kwargs: Any) -> Any:
         return torch.func.grad(f)(x, *params, **kwargs)
 
-    return _taking_keywords_of(f, optimality_fn, ())
+    return _taking_keywords_of(f, optimality_fn, 0)
 
 
 def prox_grad_fixed_point(
@@ -107,7 +108,7 @@ def prox_grad_fixed_point(
     def fixed_point_fn(x: Any, prox_params: Any, *f_params: Any, **f_kwargs: Any) -> Any:
         return prox(_gradient_step(f, x, f_params, step, f_kwargs), prox_params, step)
 
-    return _taking_keywords_of(f, fixed_point_fn, ("prox_params",))
+    return _taking_keywords_of(f, fixed_point_fn, 1)
 
 
 def projected_gradient_fixed_point(
@@ -215,4 +216,4 @@ def mirror_descent_fixed_point(
     def fixed_point_fn(x: Tensor, proj_params: Any, *f_params: Any, **f_kwargs: Any) -> Tensor:
         return project(grad_phi(x) - step * torch.func.grad(f)(x, *f_params, **f_kwargs), proj_params)
 
-    return _taking_keywords_of(f, fixed_point_fn, ("proj_params",))
+    return _taking_keywords_of(f, fixed_point_fn, 1)

@@ -9,6 +9,7 @@ one :func:`~gradkit.implicit.projected_gradient_fixed_point` calls.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -51,7 +52,7 @@ def projection_box(x: Tensor, hyperparams: tuple[Any, Any]) -> Tensor:
     _check_tensor("projection_box", x)
     if not isinstance(hyperparams, (tuple, list)) or len(hyperparams) != 2:
         raise TypeError(f"projection_box: hyperparams must be a pair (lower, upper), got {hyperparams!r}")
-    if not any(isinstance(b, Tensor) for b in hyperparams) and not hyperparams[0] <= hyperparams[1]:
+    if all(isinstance(b, numbers.Real) for b in hyperparams) and not hyperparams[0] <= hyperparams[1]:
         raise ValueError(f"projection_box: the box is empty, lower={hyperparams[0]!r} > upper={hyperparams[1]!r}; "
                          "expected lower <= upper")
     lower, upper = (torch.as_tensor(b, dtype=x.dtype, device=x.device) for b in hyperparams)

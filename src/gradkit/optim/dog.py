@@ -75,11 +75,10 @@ class DoG(Optimizer):
     term: :math:`g_t \leftarrow g_t + \lambda x_t` before the norms).  The paper recommends
     iterate averaging on top of DoG (not part of the optimizer).
 
-    Not here: U-DoG, the accelerated variant of Kreisler, Ivgi, Hinder and Carmon (2024,
-    "Accelerated Parameter-Free Stochastic Optimization", arXiv:2404.00666), which issue 3 asks
-    for.  Its Algorithm 1 (UniXGrad's two sequences with DoG step sizes and the paper's iterate
-    stabilisation) could not be read from this project's sources (the stored copies of the paper
-    end at its introduction), and an implementation without it would be a guess.
+    Not implemented: U-DoG, the accelerated variant of Kreisler, Ivgi, Hinder and Carmon (2024,
+    "Accelerated Parameter-Free Stochastic Optimization", arXiv:2404.00666), UniXGrad's two
+    sequences with DoG step sizes and the paper's iterate stabilisation: its Algorithm 1 was not
+    available to the authors of this library, and an implementation without it would be a guess.
 
     Parameters that first get a gradient later start their :math:`x_0` then; distances are taken
     over the parameters of the group that have state.  If every gradient so far is zero the step

@@ -248,8 +248,8 @@ def optimizers_section(ctx: ReportContext) -> Section:
         numeric=False,
     )
     edge = [name for name, runs in result.sweep.items() if result.best[name].lr in (runs[0].lr, runs[-1].lr)]
-    notes = [f"best learning rate at the edge of its sweep for {', '.join(edge)} (after {MAX_EXTRA_LRS} runs past the "
-             "grid): a wider sweep could do better"] if edge else []
+    notes = [f"best learning rate at the edge of its sweep for {', '.join(edge)} (the sweep goes past the grid at most "
+             f"{MAX_EXTRA_LRS} times, and not past a diverged run): a wider sweep could do better"] if edge else []
     fig = plots.optimizer_curves(result.best, result.sweep)
     body = [
         intro,
