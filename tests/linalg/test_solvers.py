@@ -432,3 +432,16 @@ def test_bad_operator_and_preconditioner():
         neumann(spd(), b, steps=-2)
     with pytest.raises(ValueError, match="neumann: damping must be a finite number >= 0"):
         neumann(spd(), b, damping=-0.1)
+
+
+@pytest.mark.parametrize("solver", [cg, minres, gmres, normal_cg], ids=lambda f: f.__name__)
+def test_zero_right_hand_side_with_a_start_is_solved_by_zero(solver):
+    """b = 0 has tolerance rtol ||b|| = 0: x = 0 solves it exactly (SciPy returns it too); from a
+    non-zero x0 the solvers used to iterate to maxiter and warn. Other columns are solved as usual."""
+    A, x0 = spd(seed=11), rhs(N, 2, seed=12)
+    B = torch.stack([torch.zeros(N, dtype=F64), rhs(N, seed=13)], dim=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = solver(A, B, x0=x0, rtol=1e-10)
+    assert res.converged and torch.equal(res.x[:, 0], torch.zeros(N, dtype=F64))
+    torch.testing.assert_close(res.x[:, 1], torch.linalg.solve(A, B[:, 1]), rtol=1e-7, atol=1e-9)

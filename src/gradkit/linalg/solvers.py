@@ -208,6 +208,8 @@ def _krylov(
     xs, rs, iters, breakdown = [], [], 0, None
     for c in [slice(j, j + 1) for j in range(prob.B.shape[1])] if columnwise else [slice(None)]:
         B, X, it, bd = prob.B[:, c], prob.X[:, c], 0, None
+        if prob.has_x0:  # a zero right-hand side is solved exactly by x = 0 (its tolerance rtol ||b|| is 0)
+            X = torch.where(_norm(B) == 0, torch.zeros_like(X), X)
         R = B - apply(X) if prob.has_x0 else B
         while bd is None and it < maxiter:
             active = _norm(R) > tol[c]
