@@ -441,7 +441,20 @@ def test_agc_matches_pytorch_optimizer_and_documents_3d_convention():
             torch.testing.assert_close(p.grad, peer_agc(w, g, agc_eps=1e-3, agc_clip_val=1e-2), rtol=1e-14, atol=0)
 
 
-@pytest.mark.parametrize("bad,name", [(dict(clipping=0.0), "clipping"), (dict(eps=-1.0), "eps")])
+def test_agc_with_infinite_clipping_leaves_every_gradient_alone():
+    """clipping = inf is no clipping (as clip_grad_norm's max_norm = inf), also for eps = 0 and a
+    zero weight (0 · inf is nan, and no norm exceeds it)."""
+    params = agc_params()
+    with torch.no_grad():
+        params[0][0].zero_()
+    grads = [p.grad.clone() for p in params]
+    agc(params, clipping=math.inf, eps=0.0)
+    for p, g in zip(params, grads):
+        assert torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize("bad,name", [(dict(clipping=0.0), "clipping"), (dict(eps=-1.0), "eps"),
+                                      (dict(eps=math.inf), "eps")])
 def test_agc_invalid_arguments(bad, name):
     with pytest.raises(ValueError, match=f"invalid {name}=.*expected"):
         agc(agc_params(), **bad)

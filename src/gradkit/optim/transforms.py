@@ -395,7 +395,7 @@ def agc(params: Iterable[torch.Tensor] | torch.Tensor, clipping: float = 0.01, e
     ``params``.
     """
     owner = "agc"
-    check_range(owner, "clipping", clipping, 0.0, low_open=True)
+    check_range(owner, "clipping", clipping, 0.0, low_open=True, high_open=False)  # inf: no clipping
     check_range(owner, "eps", eps, 0.0)
     for p in _as_list(params, owner):
         g = p.grad
