@@ -409,6 +409,11 @@ def test_bad_operator_and_preconditioner():
         cg(rhs(N), b)
     with pytest.raises(TypeError, match="A must be a LinearOperator, a 2-D tensor or a callable matvec, got str"):
         cg("A", b)
+    bad = spd()
+    bad[3, 3] = float("nan")
+    for solver in (cg, minres, gmres):  # not "A must be symmetric", which the nan made cg say
+        with pytest.raises(ValueError, match=f"{solver.__name__}: A contains non-finite values"):
+            solver(bad, b)
     with pytest.raises(TypeError, match="normal_cg: A must be a LinearOperator, a 2-D tensor, got function"):
         normal_cg(lambda v: v, b)
     op = LinearOperator((N, N), lambda v: 2 * v, dtype=F64)

@@ -107,6 +107,8 @@ def _as_operator(method: str, A: Any, b: Tensor, *, symmetric: bool, callable_ok
     if isinstance(A, Tensor):
         if A.ndim != 2:
             raise ValueError(f"{method}: A as a tensor must be a 2-D matrix, got shape {tuple(A.shape)}")
+        if not bool(torch.isfinite(A).all()):  # before the symmetry check, which nan would fail
+            raise ValueError(f"{method}: A contains non-finite values (nan or inf)")
         return DenseOperator(A)
     if callable(A) and callable_ok:
         n = b.shape[0]
