@@ -72,6 +72,9 @@ def test_matvec_with_float32_and_empty_block():
     op = DenseOperator(A)
     assert op.dtype == torch.float32 and (op @ torch.ones(4)).dtype == torch.float32
     assert (op @ torch.ones(4, 0)).shape == (4, 0)
+    # also from a matvec alone (its column-by-column application had nothing to stack), and transposed
+    f = LinearOperator((4, 3), lambda v: A[:, :3] @ v, rmatvec=lambda v: A[:, :3].T @ v, dtype=torch.float32)
+    assert (f @ torch.ones(3, 0)).shape == (4, 0) and (f.T @ torch.ones(4, 0)).shape == (3, 0)
 
 
 def test_rmatvec():

@@ -146,8 +146,10 @@ class LinearOperator:
         rows = m if transpose else n
         self._check_vector(x, rows, name="x")
         X = x.unsqueeze(1) if x.ndim == 1 else x
-        Y = self._rmatmat(X) if transpose else self._matmat(X)
         out_rows = n if transpose else m
+        if X.shape[1] == 0:  # no columns: nothing to apply (a column-by-column matvec has nothing to stack)
+            return X.new_zeros(out_rows, 0)
+        Y = self._rmatmat(X) if transpose else self._matmat(X)
         if Y.shape != (out_rows, X.shape[1]):
             raise RuntimeError(
                 f"{type(self).__name__} returned shape {tuple(Y.shape)} for input {tuple(X.shape)}; "
